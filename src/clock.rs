@@ -1,0 +1,37 @@
+//! The only place that reads the clock. Everything else takes `now` as a [`Millis`].
+
+use std::time::Instant;
+
+/// Milliseconds since the owning [`Clock`] started. The core and the timer wheel count in these.
+pub type Millis = u64;
+
+/// A monotonic millisecond clock.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    #[allow(clippy::disallowed_methods)]
+    pub fn new() -> Self {
+        Self { start: Instant::now() }
+    }
+
+    /// Milliseconds since this clock was created.
+    #[allow(clippy::disallowed_methods)]
+    pub fn now(&self) -> Millis {
+        self.start.elapsed().as_millis() as Millis
+    }
+
+    /// Wall-clock seconds since the Unix epoch (for logs and request IDs only).
+    #[allow(clippy::disallowed_methods)]
+    pub fn unix_secs() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}

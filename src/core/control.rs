@@ -1,0 +1,91 @@
+//! What the control plane asks of a shard, and what a shard reports back.
+
+use std::net::SocketAddr;
+
+use super::stats::ReleaseReason;
+use crate::auth::{AllocationKey, CONNECTION_DATA_LEN, KEY_LEN};
+use crate::wire::AllocationId;
+
+/// Randomness for one new allocation, drawn by the caller from the OS CSPRNG so the core stays
+/// deterministic under test.
+#[derive(Clone)]
+pub struct Entropy {
+    pub id: [u8; 16],
+    pub key: [u8; KEY_LEN],
+}
+
+impl Entropy {
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        let mut e = Self { id: [0; 16], key: [0; KEY_LEN] };
+        getrandom::getrandom(&mut e.id)?;
+        getrandom::getrandom(&mut e.key)?;
+        Ok(e)
+    }
+}
+
+/// A control command.
+#[derive(Clone)]
+pub enum Control {
+    /// A host allocation allowing `max_connections` peers.
+    CreateHost { max_connections: u16, entropy: Entropy },
+    /// A joiner allocation bound to `host`'s session.
+    CreateJoiner { host: AllocationId, entropy: Entropy },
+    /// Release an allocation as if it had expired (a host takes its joiners with it).
+    Release { id: AllocationId },
+}
+
+/// A new allocation: everything the API hands to the client.
+#[derive(Clone, Debug)]
+pub struct Created {
+    pub id: AllocationId,
+    pub key: AllocationKey,
+    pub connection_data: [u8; CONNECTION_DATA_LEN],
+}
+
+#[derive(Clone, Debug)]
+pub enum ControlReply {
+    Created(Box<Created>),
+    Released,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlError {
+    /// The shard's allocation table is full.
+    Full,
+    /// `maxConnections` outside `1..=cap`.
+    MaxConnectionsOutOfRange,
+    /// The host allocation does not exist (any more).
+    HostNotFound,
+    /// The host's session already has as many joiner allocations as it may hold.
+    SessionFull,
+    /// Release of an unknown allocation.
+    NotFound,
+}
+
+impl ControlError {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "relay full",
+            Self::MaxConnectionsOutOfRange => "maxConnections out of range",
+            Self::HostNotFound => "host allocation not found",
+            Self::SessionFull => "session has too many joiners",
+            Self::NotFound => "allocation not found",
+        }
+    }
+}
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::error::Error for ControlError {}
+
+/// Lifecycle events for the control plane (join-code invalidation, logs). Never per packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    Bound { id: AllocationId, addr: SocketAddr, moved: bool },
+    Connected { host: AllocationId, joiner: AllocationId },
+    Released { id: AllocationId, is_host: bool, reason: ReleaseReason },
+}

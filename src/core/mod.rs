@@ -1,0 +1,371 @@
+//! The sans-IO shard state machine (`spec/relay-protocol.md` §5).
+//!
+//! A [`Core`] owns the allocations of one shard outright. It is fed datagrams, control commands
+//! and the current time, and answers with what to send where:
+//!
+//! - [`Core::handle_datagram`]`(now, src, buf)` → [`Action`]: forward `buf` unchanged, reply with
+//!   `buf[..n]` (replies are written in place: a reply is never larger than its trigger), or drop
+//!   for a counted reason;
+//! - [`Core::handle_control`]`(now, cmd)` for the control plane;
+//! - [`Core::handle_timeout`]`(now)` / [`Core::poll_timeout`] for the timer wheel;
+//! - [`Core::poll_transmit`] for relay-originated datagrams (DISCONNECT when a host goes away) and
+//!   [`Core::poll_event`] for lifecycle events.
+//!
+//! It reads no clock, opens no socket and allocates nothing per forwarded packet.
+//!
+//! Timers are lazy: each allocation has one wheel entry. Traffic only stores `last_seen`; when the
+//! entry fires, the real deadline is recomputed and the entry re-armed if it moved. Changes that
+//! bring a deadline *earlier* (first BIND, a host's first peer) re-arm at once. A message that
+//! finds its allocation past the deadline expires it on the spot, so expiry is exact whatever the
+//! driver's polling cadence.
+
+mod control;
+mod handlers;
+mod limiter;
+mod stats;
+mod table;
+
+pub use control::{Control, ControlError, ControlReply, Created, Entropy, Event};
+pub use limiter::Rate;
+pub use stats::{DropReason, ReleaseReason, Stats};
+pub use table::owner_shard;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use limiter::ErrorLimiter;
+use table::{mint_id, Role, Table, NIL};
+
+use crate::auth::{AllocationKey, ConnectionData, PreKeyedHmac};
+use crate::clock::Millis;
+use crate::timer::TimerWheel;
+use crate::wire::{AllocationId, Disconnect};
+
+/// Tunables of one shard. Times are in milliseconds.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// This shard's index and the total; minted IDs satisfy `owner_shard(id, shards) == shard`.
+    pub shard: u32,
+    pub shards: u32,
+    /// Most allocations this shard holds at once.
+    pub max_allocations: u32,
+    /// Largest `maxConnections` a host may ask for.
+    pub max_connections_cap: u16,
+    /// An allocation never bound expires this long after creation.
+    pub unbound_timeout: Millis,
+    /// A bound allocation expires after this long with no datagram from its client.
+    pub idle_timeout: Millis,
+    /// A bound host with no linked peer gets this instead of `idle_timeout`.
+    pub host_alone_timeout: Millis,
+    /// A valid BIND from a new address moves the binding once the old one has been quiet this long.
+    pub rebind_quiet: Millis,
+    /// ERROR/REJECTED replies per source IP, and per shard.
+    pub error_rate_per_ip: Rate,
+    pub error_rate_global: Rate,
+    /// Buckets in the per-IP reply limiter table.
+    pub limiter_buckets: usize,
+    /// The relay secret under which connection data is minted and checked.
+    pub conn_secret: [u8; 64],
+}
+
+impl CoreConfig {
+    /// Documented defaults with the given relay secret.
+    pub fn new(conn_secret: [u8; 64]) -> Self {
+        Self {
+            shard: 0,
+            shards: 1,
+            max_allocations: 1 << 20,
+            max_connections_cap: 100,
+            unbound_timeout: 60_000,
+            idle_timeout: 10_000,
+            host_alone_timeout: 60_000,
+            rebind_quiet: 5_000,
+            error_rate_per_ip: Rate { per_sec: 20, burst: 40 },
+            error_rate_global: Rate { per_sec: 20_000, burst: 20_000 },
+            limiter_buckets: 4096,
+            conn_secret,
+        }
+    }
+}
+
+/// What to do with a datagram after [`Core::handle_datagram`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send the datagram, unchanged, to this address.
+    Forward(SocketAddr),
+    /// Send `buf[..n]` back to the source.
+    Reply(usize),
+    /// Accepted; nothing to send.
+    Consumed,
+    /// Nothing to send, counted under this reason.
+    Drop(DropReason),
+}
+
+/// A datagram the relay originates (not a reply): a DISCONNECT to a host's peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: SocketAddr,
+    pub len: usize,
+    pub data: [u8; Disconnect::<&[u8]>::LEN],
+}
+
+impl Transmit {
+    pub fn payload(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+/// One shard's relay state machine.
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    table: Table,
+    wheel: TimerWheel<u32>,
+    conn: ConnectionData,
+    limiter: ErrorLimiter,
+    stats: Stats,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    fired: Vec<u32>,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig, now: Millis) -> Self {
+        Self {
+            table: Table::new(cfg.max_allocations as usize),
+            wheel: TimerWheel::new(now),
+            conn: ConnectionData::new(&cfg.conn_secret),
+            limiter: ErrorLimiter::new(cfg.limiter_buckets, cfg.error_rate_per_ip, cfg.error_rate_global),
+            stats: Stats::default(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            fired: Vec::new(),
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Allocations currently live on this shard.
+    pub fn allocations(&self) -> usize {
+        self.table.live()
+    }
+
+    /// The address `id` is bound to, if it is live and bound.
+    pub fn bound_addr(&self, id: &AllocationId) -> Option<SocketAddr> {
+        match self.table.find(id) {
+            table::Found::Live(i) => self.table.slots[i as usize].bound,
+            _ => None,
+        }
+    }
+
+    /// Whether `id` is a live allocation.
+    pub fn is_live(&self, id: &AllocationId) -> bool {
+        matches!(self.table.find(id), table::Found::Live(_))
+    }
+
+    pub fn handle_control(&mut self, now: Millis, cmd: Control) -> Result<ControlReply, ControlError> {
+        match cmd {
+            Control::CreateHost { max_connections, entropy } => {
+                self.create_host(now, max_connections, entropy).map(|c| ControlReply::Created(Box::new(c)))
+            }
+            Control::CreateJoiner { host, entropy } => {
+                self.create_joiner(now, &host, entropy).map(|c| ControlReply::Created(Box::new(c)))
+            }
+            Control::Release { id } => match self.table.find(&id) {
+                table::Found::Live(i) => {
+                    self.release(i, ReleaseReason::Control);
+                    Ok(ControlReply::Released)
+                }
+                _ => Err(ControlError::NotFound),
+            },
+        }
+    }
+
+    pub fn create_host(
+        &mut self,
+        now: Millis,
+        max_connections: u16,
+        entropy: Entropy,
+    ) -> Result<Created, ControlError> {
+        if max_connections == 0 || max_connections > self.cfg.max_connections_cap {
+            return Err(ControlError::MaxConnectionsOutOfRange);
+        }
+        let role = Role::Host { max_peers: max_connections, linked: 0, joiners: 0, first_joiner: NIL };
+        let i = self.alloc(now, role, &entropy)?;
+        Ok(self.created(i, entropy))
+    }
+
+    pub fn create_joiner(
+        &mut self,
+        now: Millis,
+        host: &AllocationId,
+        entropy: Entropy,
+    ) -> Result<Created, ControlError> {
+        let h = match self.table.find(host) {
+            table::Found::Live(h) => h,
+            _ => return Err(ControlError::HostNotFound),
+        };
+        if now >= self.deadline(h) {
+            self.release(h, ReleaseReason::TimedOut);
+            return Err(ControlError::HostNotFound);
+        }
+        let (max_peers, joiners, first) = match self.table.slots[h as usize].role {
+            Role::Host { max_peers, joiners, first_joiner, .. } => (max_peers, joiners, first_joiner),
+            Role::Joiner { .. } => return Err(ControlError::HostNotFound),
+        };
+        // Joining costs no link capacity, but a leaked join code must not fill the table.
+        if joiners as u32 >= (2 * max_peers as u32).max(max_peers as u32 + 16) {
+            return Err(ControlError::SessionFull);
+        }
+        let role = Role::Joiner { host: h, linked: false, prev: NIL, next: first };
+        let j = self.alloc(now, role, &entropy)?;
+        if first != NIL {
+            if let Role::Joiner { prev, .. } = &mut self.table.slots[first as usize].role {
+                *prev = j;
+            }
+        }
+        if let Role::Host { joiners, first_joiner, .. } = &mut self.table.slots[h as usize].role {
+            *joiners += 1;
+            *first_joiner = j;
+        }
+        Ok(self.created(j, entropy))
+    }
+
+    fn alloc(&mut self, now: Millis, role: Role, entropy: &Entropy) -> Result<u32, ControlError> {
+        let (shard, shards) = (self.cfg.shard, self.cfg.shards);
+        let key = PreKeyedHmac::new(&entropy.key);
+        let seed = entropy.id;
+        let i = self
+            .table
+            .alloc(now, key, role, |slot| mint_id(seed, shard, shards, slot))
+            .ok_or(ControlError::Full)?;
+        let deadline = self.deadline(i);
+        self.table.slots[i as usize].timer = self.wheel.insert(deadline, i);
+        self.stats.allocations_created += 1;
+        Ok(i)
+    }
+
+    fn created(&self, i: u32, entropy: Entropy) -> Created {
+        let id = self.table.slots[i as usize].id;
+        Created { id, key: AllocationKey(entropy.key), connection_data: self.conn.build(&id) }
+    }
+
+    /// Earliest time at which [`handle_timeout`](Self::handle_timeout) has work.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        self.wheel.next_expiry()
+    }
+
+    /// Expires every allocation whose deadline is `<= now`.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        let mut fired = std::mem::take(&mut self.fired);
+        self.wheel.poll(now, &mut fired);
+        for &i in &fired {
+            let s = &self.table.slots[i as usize];
+            // A host released earlier in this batch may have taken this joiner with it.
+            if s.state != table::SlotState::Live || self.wheel.deadline(s.timer).is_some() {
+                continue;
+            }
+            let deadline = self.deadline(i);
+            if now >= deadline {
+                self.release(i, ReleaseReason::TimedOut);
+            } else {
+                self.table.slots[i as usize].timer = self.wheel.insert(deadline, i);
+            }
+        }
+        fired.clear();
+        self.fired = fired;
+    }
+
+    /// The next relay-originated datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next lifecycle event for the control plane.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    #[inline]
+    fn deadline(&self, i: u32) -> Millis {
+        let s = &self.table.slots[i as usize];
+        match (s.bound, s.role) {
+            (None, _) => s.created + self.cfg.unbound_timeout,
+            (Some(_), Role::Host { linked: 0, .. }) => s.last_seen + self.cfg.host_alone_timeout,
+            (Some(_), _) => s.last_seen + self.cfg.idle_timeout,
+        }
+    }
+
+    /// Re-arms `i`'s timer at its current deadline (after a change that may bring it earlier).
+    fn rearm(&mut self, i: u32) {
+        let t = self.table.slots[i as usize].timer;
+        self.wheel.cancel(t);
+        let d = self.deadline(i);
+        self.table.slots[i as usize].timer = self.wheel.insert(d, i);
+    }
+
+    /// Releases `i`. A host first sends DISCONNECT to each linked peer and takes every joiner of
+    /// its session with it; a joiner leaves its host's session.
+    fn release(&mut self, i: u32, reason: ReleaseReason) {
+        let slot = self.table.slots[i as usize].clone();
+        self.wheel.cancel(slot.timer);
+        match slot.role {
+            Role::Host { first_joiner, .. } => {
+                let mut j = first_joiner;
+                while j != NIL {
+                    let js = &self.table.slots[j as usize];
+                    let (next, linked, bound, jid, timer) = match js.role {
+                        Role::Joiner { next, linked, .. } => (next, linked, js.bound, js.id, js.timer),
+                        Role::Host { .. } => (NIL, false, None, js.id, js.timer),
+                    };
+                    if let (true, Some(to)) = (linked, bound) {
+                        let mut data = [0u8; 36];
+                        let len = Disconnect::emit(&mut data, &slot.id, &jid);
+                        self.transmits.push_back(Transmit { to, len, data });
+                        self.stats.notify_packets += 1;
+                    }
+                    self.wheel.cancel(timer);
+                    self.free(j, jid, false, ReleaseReason::HostGone);
+                    j = next;
+                }
+            }
+            Role::Joiner { host, linked, prev, next } => {
+                if prev != NIL {
+                    if let Role::Joiner { next: n, .. } = &mut self.table.slots[prev as usize].role {
+                        *n = next;
+                    }
+                }
+                if next != NIL {
+                    if let Role::Joiner { prev: p, .. } = &mut self.table.slots[next as usize].role {
+                        *p = prev;
+                    }
+                }
+                if let Role::Host { linked: l, joiners, first_joiner, .. } =
+                    &mut self.table.slots[host as usize].role
+                {
+                    *joiners -= 1;
+                    if linked {
+                        *l -= 1;
+                    }
+                    if *first_joiner == i {
+                        *first_joiner = next;
+                    }
+                }
+            }
+        }
+        self.free(i, slot.id, matches!(slot.role, Role::Host { .. }), reason);
+    }
+
+    fn free(&mut self, i: u32, id: AllocationId, is_host: bool, reason: ReleaseReason) {
+        self.table.free(i, reason == ReleaseReason::TimedOut);
+        self.stats.released[reason as usize] += 1;
+        self.events.push_back(Event::Released { id, is_host, reason });
+    }
+}

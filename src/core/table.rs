@@ -1,0 +1,214 @@
+//! The allocation table: a slab of slots addressed by an index embedded in the allocation ID.
+//!
+//! The relay mints every ID, so it writes the slot index into ID bytes `12..16` (big-endian).
+//! A lookup reads that index, bounds-checks it and compares all 16 bytes: O(1), no hashing of
+//! attacker-chosen bytes, and a forged ID can only ever name a slot whose full ID it must match.
+//! Freed slots keep their last ID as a tombstone (until reused, FIFO) so a message from an
+//! allocation that timed out can be told apart from one that never existed.
+//!
+//! Hot routing fields and the cold 64-byte HMAC states live in separate vectors.
+
+use std::net::SocketAddr;
+
+use crate::auth::PreKeyedHmac;
+use crate::clock::Millis;
+use crate::timer::TimerHandle;
+use crate::wire::AllocationId;
+
+pub(crate) const NIL: u32 = u32::MAX;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SlotState {
+    Live,
+    /// Free; the last occupant was released for another reason (or there was none).
+    Vacant,
+    /// Free; the last occupant timed out.
+    TimedOut,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    Host { max_peers: u16, linked: u16, joiners: u16, first_joiner: u32 },
+    Joiner { host: u32, linked: bool, prev: u32, next: u32 },
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Slot {
+    pub id: AllocationId,
+    pub bound: Option<SocketAddr>,
+    pub last_seen: Millis,
+    pub created: Millis,
+    pub timer: TimerHandle,
+    pub role: Role,
+    pub nonce: u16,
+    pub state: SlotState,
+    pub next_free: u32,
+}
+
+pub(crate) enum Found {
+    Live(u32),
+    TimedOut,
+    Unknown,
+}
+
+/// Writes version/variant bits, the owner shard and the slot index into fresh random bytes.
+pub(crate) fn mint_id(mut b: [u8; 16], shard: u32, shards: u32, slot: u32) -> AllocationId {
+    let shards = shards.max(1);
+    let v = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let (base, shard) = (v - v % shards, shard % shards);
+    let owned = base.checked_add(shard).unwrap_or(base.wrapping_sub(shards).wrapping_add(shard));
+    b[..4].copy_from_slice(&owned.to_be_bytes());
+    b[6] = (b[6] & 0x0F) | 0x40;
+    b[8] = (b[8] & 0x3F) | 0x80;
+    b[12..16].copy_from_slice(&slot.to_be_bytes());
+    AllocationId(b)
+}
+
+/// The shard that owns `id` among `shards` (`spec/relay-protocol.md` §4).
+pub fn owner_shard(id: &AllocationId, shards: u32) -> u32 {
+    u32::from_be_bytes([id.0[0], id.0[1], id.0[2], id.0[3]]) % shards.max(1)
+}
+
+#[inline]
+fn slot_of(id: &AllocationId) -> usize {
+    u32::from_be_bytes([id.0[12], id.0[13], id.0[14], id.0[15]]) as usize
+}
+
+#[derive(Debug)]
+pub(crate) struct Table {
+    pub slots: Vec<Slot>,
+    pub keys: Vec<PreKeyedHmac>,
+    free_head: u32,
+    free_tail: u32,
+    live: usize,
+    cap: usize,
+}
+
+impl Table {
+    pub fn new(cap: usize) -> Self {
+        Self { slots: Vec::new(), keys: Vec::new(), free_head: NIL, free_tail: NIL, live: 0, cap }
+    }
+
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    #[inline]
+    pub fn find(&self, id: &AllocationId) -> Found {
+        match self.slots.get(slot_of(id)) {
+            Some(s) if s.id == *id => match s.state {
+                SlotState::Live => Found::Live(slot_of(id) as u32),
+                SlotState::TimedOut => Found::TimedOut,
+                SlotState::Vacant => Found::Unknown,
+            },
+            _ => Found::Unknown,
+        }
+    }
+
+    /// Takes a free slot (oldest freed first) or grows, up to the cap.
+    pub fn alloc(
+        &mut self,
+        now: Millis,
+        key: PreKeyedHmac,
+        role: Role,
+        mint: impl FnOnce(u32) -> AllocationId,
+    ) -> Option<u32> {
+        let idx = if self.free_head != NIL {
+            let i = self.free_head;
+            self.free_head = self.slots[i as usize].next_free;
+            if self.free_head == NIL {
+                self.free_tail = NIL;
+            }
+            i
+        } else if self.slots.len() < self.cap {
+            self.slots.push(Slot {
+                id: AllocationId::default(),
+                bound: None,
+                last_seen: now,
+                created: now,
+                timer: TimerHandle::default(),
+                role,
+                nonce: 0,
+                state: SlotState::Vacant,
+                next_free: NIL,
+            });
+            self.keys.push(key);
+            (self.slots.len() - 1) as u32
+        } else {
+            return None;
+        };
+        let s = &mut self.slots[idx as usize];
+        let mut id = mint(idx);
+        if id == s.id {
+            id.0[9] ^= 1;
+        }
+        *s = Slot {
+            id,
+            bound: None,
+            last_seen: now,
+            created: now,
+            timer: TimerHandle::default(),
+            role,
+            nonce: 0,
+            state: SlotState::Live,
+            next_free: NIL,
+        };
+        self.keys[idx as usize] = key;
+        self.live += 1;
+        Some(idx)
+    }
+
+    pub fn free(&mut self, i: u32, timed_out: bool) {
+        let s = &mut self.slots[i as usize];
+        s.state = if timed_out { SlotState::TimedOut } else { SlotState::Vacant };
+        s.bound = None;
+        s.next_free = NIL;
+        self.live -= 1;
+        if self.free_tail == NIL {
+            self.free_head = i;
+        } else {
+            self.slots[self.free_tail as usize].next_free = i;
+        }
+        self.free_tail = i;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_ids_are_uuid_v4_owned_and_indexed() {
+        for shards in [1u32, 2, 3, 7, 16, 64] {
+            for shard in 0..shards {
+                for seed in [[0u8; 16], [0xFF; 16], [0x5A; 16]] {
+                    let id = mint_id(seed, shard, shards, 12345);
+                    assert_eq!(owner_shard(&id, shards), shard);
+                    assert_eq!(id.0[6] >> 4, 4);
+                    assert_eq!(id.0[8] >> 6, 0b10);
+                    assert_eq!(slot_of(&id), 12345);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tombstones_and_fifo_reuse() {
+        let key = PreKeyedHmac::new(&[0; 64]);
+        let role = Role::Host { max_peers: 1, linked: 0, joiners: 0, first_joiner: NIL };
+        let mut t = Table::new(2);
+        let a = t.alloc(0, key, role, |i| mint_id([1; 16], 0, 1, i)).unwrap();
+        let b = t.alloc(0, key, role, |i| mint_id([2; 16], 0, 1, i)).unwrap();
+        assert!(t.alloc(0, key, role, |i| mint_id([3; 16], 0, 1, i)).is_none(), "cap");
+        let (ida, idb) = (t.slots[a as usize].id, t.slots[b as usize].id);
+        t.free(a, true);
+        t.free(b, false);
+        assert!(matches!(t.find(&ida), Found::TimedOut));
+        assert!(matches!(t.find(&idb), Found::Unknown));
+        let c = t.alloc(0, key, role, |i| mint_id([4; 16], 0, 1, i)).unwrap();
+        assert_eq!(c, a, "oldest freed slot is reused first");
+        assert!(matches!(t.find(&ida), Found::Unknown));
+        assert!(matches!(t.find(&idb), Found::Unknown));
+        assert_eq!(t.live(), 1);
+    }
+}
