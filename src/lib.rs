@@ -8,6 +8,7 @@
 //! - [`core`]: the sans-IO shard state machine (no sockets, no clock).
 
 pub mod auth;
+pub mod client;
 pub mod clock;
 pub mod core;
 pub mod timer;

@@ -156,6 +156,8 @@ impl Core {
                 Some(addr) => Action::Forward(addr),
                 None => self.error(now, src, buf, from, ErrorCode::NotConnected),
             },
+            // The peer was a host that just expired and took this joiner with it.
+            None if !self.is_live(&from) => self.error(now, src, buf, from, ErrorCode::AllocationNotFound),
             _ => self.error(now, src, buf, from, ErrorCode::NotConnected),
         }
     }
