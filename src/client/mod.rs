@@ -1,3 +1,34 @@
-//! The Rust SDK: what a game (and Ferry's own tests and load generator) uses to talk to a relay.
+//! The Rust SDK: what a game (and Ferry's own tests and load generator) uses to talk to Ferry.
+//!
+//! - [`ApiClient`]: allocate, join code, join, regions over the HTTP API;
+//! - [`RelayClient`]: one allocation's UDP connection — bind, connect, send, receive, keep-alive,
+//!   rebind, close;
+//! - [`packets`]: the raw datagrams, exactly as Unity Transport builds them.
+//!
+//! ```no_run
+//! use ferry::client::{ApiClient, RelayClient};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let api = ApiClient::new("http://127.0.0.1:7880");
+//! let host_alloc = api.allocate(4, None)?;
+//! let code = api.join_code(&host_alloc.allocation_id)?;
+//! let mut host = RelayClient::new(&host_alloc)?;
+//! host.bind()?;
+//!
+//! let join = api.join(&code)?;
+//! let mut peer = RelayClient::new(&join.allocation)?;
+//! peer.bind()?;
+//! let host_id = peer.connect_b64(&join.host_connection_data)?;
+//! peer.send(&host_id, b"hello")?;
+//! let (from, payload) = host.recv_relay(std::time::Duration::from_secs(5))?.expect("a message");
+//! host.send(&from, &payload)?;
+//! # Ok(()) }
+//! ```
 
+pub mod api;
+pub mod conn;
+pub mod demo;
+pub mod http;
 pub mod packets;
+
+pub use api::{ApiClient, ApiError};
+pub use conn::{ClientError, ClientOptions, Incoming, RelayClient};

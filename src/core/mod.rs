@@ -132,7 +132,10 @@ pub struct Core {
 impl Core {
     pub fn new(cfg: CoreConfig, now: Millis) -> Self {
         Self {
-            table: Table::new(cfg.max_allocations as usize),
+            table: Table::new(cfg.max_allocations as usize, {
+                let m = PreKeyedHmac::new(&cfg.conn_secret).mac(b"ferry slot mask");
+                u32::from_be_bytes([m[0], m[1], m[2], m[3]])
+            }),
             wheel: TimerWheel::new(now),
             conn: ConnectionData::new(&cfg.conn_secret),
             limiter: ErrorLimiter::new(cfg.limiter_buckets, cfg.error_rate_per_ip, cfg.error_rate_global),
@@ -239,12 +242,12 @@ impl Core {
     }
 
     fn alloc(&mut self, now: Millis, role: Role, entropy: &Entropy) -> Result<u32, ControlError> {
-        let (shard, shards) = (self.cfg.shard, self.cfg.shards);
+        let (shard, shards, mask) = (self.cfg.shard, self.cfg.shards, self.table.mask);
         let key = PreKeyedHmac::new(&entropy.key);
         let seed = entropy.id;
         let i = self
             .table
-            .alloc(now, key, role, |slot| mint_id(seed, shard, shards, slot))
+            .alloc(now, key, role, |slot| mint_id(seed, shard, shards, slot, mask))
             .ok_or(ControlError::Full)?;
         let deadline = self.deadline(i);
         self.table.slots[i as usize].timer = self.wheel.insert(deadline, i);

@@ -51,8 +51,8 @@ pub(crate) enum Found {
     Unknown,
 }
 
-/// Writes version/variant bits, the owner shard and the slot index into fresh random bytes.
-pub(crate) fn mint_id(mut b: [u8; 16], shard: u32, shards: u32, slot: u32) -> AllocationId {
+/// Writes version/variant bits, the owner shard and the (masked) slot index into fresh random bytes.
+pub(crate) fn mint_id(mut b: [u8; 16], shard: u32, shards: u32, slot: u32, mask: u32) -> AllocationId {
     let shards = shards.max(1);
     let v = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
     let (base, shard) = (v - v % shards, shard % shards);
@@ -60,7 +60,7 @@ pub(crate) fn mint_id(mut b: [u8; 16], shard: u32, shards: u32, slot: u32) -> Al
     b[..4].copy_from_slice(&owned.to_be_bytes());
     b[6] = (b[6] & 0x0F) | 0x40;
     b[8] = (b[8] & 0x3F) | 0x80;
-    b[12..16].copy_from_slice(&slot.to_be_bytes());
+    b[12..16].copy_from_slice(&(slot ^ mask).to_be_bytes());
     AllocationId(b)
 }
 
@@ -70,8 +70,8 @@ pub fn owner_shard(id: &AllocationId, shards: u32) -> u32 {
 }
 
 #[inline]
-fn slot_of(id: &AllocationId) -> usize {
-    u32::from_be_bytes([id.0[12], id.0[13], id.0[14], id.0[15]]) as usize
+fn slot_of(id: &AllocationId, mask: u32) -> usize {
+    (u32::from_be_bytes([id.0[12], id.0[13], id.0[14], id.0[15]]) ^ mask) as usize
 }
 
 #[derive(Debug)]
@@ -82,11 +82,13 @@ pub(crate) struct Table {
     free_tail: u32,
     live: usize,
     cap: usize,
+    /// XORed into the slot index in IDs, so IDs do not reveal how many allocations exist.
+    pub mask: u32,
 }
 
 impl Table {
-    pub fn new(cap: usize) -> Self {
-        Self { slots: Vec::new(), keys: Vec::new(), free_head: NIL, free_tail: NIL, live: 0, cap }
+    pub fn new(cap: usize, mask: u32) -> Self {
+        Self { slots: Vec::new(), keys: Vec::new(), free_head: NIL, free_tail: NIL, live: 0, cap, mask }
     }
 
     pub fn live(&self) -> usize {
@@ -95,9 +97,10 @@ impl Table {
 
     #[inline]
     pub fn find(&self, id: &AllocationId) -> Found {
-        match self.slots.get(slot_of(id)) {
+        let i = slot_of(id, self.mask);
+        match self.slots.get(i) {
             Some(s) if s.id == *id => match s.state {
-                SlotState::Live => Found::Live(slot_of(id) as u32),
+                SlotState::Live => Found::Live(i as u32),
                 SlotState::TimedOut => Found::TimedOut,
                 SlotState::Vacant => Found::Unknown,
             },
@@ -182,11 +185,12 @@ mod tests {
         for shards in [1u32, 2, 3, 7, 16, 64] {
             for shard in 0..shards {
                 for seed in [[0u8; 16], [0xFF; 16], [0x5A; 16]] {
-                    let id = mint_id(seed, shard, shards, 12345);
+                    let id = mint_id(seed, shard, shards, 12345, 0xA5A5_0F0F);
                     assert_eq!(owner_shard(&id, shards), shard);
                     assert_eq!(id.0[6] >> 4, 4);
                     assert_eq!(id.0[8] >> 6, 0b10);
-                    assert_eq!(slot_of(&id), 12345);
+                    assert_eq!(slot_of(&id, 0xA5A5_0F0F), 12345);
+                    assert_ne!(&id.0[12..16], &12345u32.to_be_bytes());
                 }
             }
         }
@@ -196,16 +200,16 @@ mod tests {
     fn tombstones_and_fifo_reuse() {
         let key = PreKeyedHmac::new(&[0; 64]);
         let role = Role::Host { max_peers: 1, linked: 0, joiners: 0, first_joiner: NIL };
-        let mut t = Table::new(2);
-        let a = t.alloc(0, key, role, |i| mint_id([1; 16], 0, 1, i)).unwrap();
-        let b = t.alloc(0, key, role, |i| mint_id([2; 16], 0, 1, i)).unwrap();
-        assert!(t.alloc(0, key, role, |i| mint_id([3; 16], 0, 1, i)).is_none(), "cap");
+        let mut t = Table::new(2, 7);
+        let a = t.alloc(0, key, role, |i| mint_id([1; 16], 0, 1, i, 7)).unwrap();
+        let b = t.alloc(0, key, role, |i| mint_id([2; 16], 0, 1, i, 7)).unwrap();
+        assert!(t.alloc(0, key, role, |i| mint_id([3; 16], 0, 1, i, 7)).is_none(), "cap");
         let (ida, idb) = (t.slots[a as usize].id, t.slots[b as usize].id);
         t.free(a, true);
         t.free(b, false);
         assert!(matches!(t.find(&ida), Found::TimedOut));
         assert!(matches!(t.find(&idb), Found::Unknown));
-        let c = t.alloc(0, key, role, |i| mint_id([4; 16], 0, 1, i)).unwrap();
+        let c = t.alloc(0, key, role, |i| mint_id([4; 16], 0, 1, i, 7)).unwrap();
         assert_eq!(c, a, "oldest freed slot is reused first");
         assert!(matches!(t.find(&ida), Found::Unknown));
         assert!(matches!(t.find(&idb), Found::Unknown));

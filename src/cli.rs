@@ -1,0 +1,299 @@
+//! Command line: every `serve` flag is also a `FERRY_*` environment variable and a key of the
+//! optional TOML file given with `--config`. Precedence: flag > env > file > defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::config::{err, parse_duration, Config, ConfigError, IoBackend, LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "A self-hostable UDP relay for online games, speaking Unity Relay's protocol"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the allocations API and the relay.
+    Serve(Box<ServeArgs>),
+    /// Run a full allocate → join code → join → bind → connect → relay round trip against an API.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Base URL of the allocations API.
+    #[arg(long, env = "FERRY_API", default_value = "http://127.0.0.1:7880")]
+    pub api: String,
+    /// Bearer token, if the API requires one.
+    #[arg(long, env = "FERRY_TOKEN")]
+    pub token: Option<String>,
+    /// Message the joiner sends to the host.
+    #[arg(long, default_value = "hello through ferry")]
+    pub message: String,
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn log_format_arg(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected `text` or `json`".into()),
+    }
+}
+
+fn io_arg(s: &str) -> Result<IoBackend, String> {
+    match s {
+        "batch" | "epoll" => Ok(IoBackend::Batch),
+        _ => Err("expected `batch`".into()),
+    }
+}
+
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML file with any of the keys below (underscores instead of dashes).
+    #[arg(long, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Allocations API listen address [default: 127.0.0.1:7880].
+    #[arg(long, env = "FERRY_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// Relay UDP listen address [default: 0.0.0.0:7777].
+    #[arg(long, env = "FERRY_RELAY_LISTEN")]
+    pub relay_listen: Option<SocketAddr>,
+    /// Host (IP or DNS name) clients are told to reach the relay at [default: derived].
+    #[arg(long, env = "FERRY_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Port clients are told to reach the relay at [default: the relay's port].
+    #[arg(long, env = "FERRY_ADVERTISE_PORT")]
+    pub advertise_port: Option<u16>,
+    /// Region ID reported by /v1/regions and in allocations [default: local].
+    #[arg(long, env = "FERRY_REGION")]
+    pub region: Option<String>,
+    /// Number of relay shards (threads) [default: 1].
+    #[arg(long, env = "FERRY_SHARDS")]
+    pub shards: Option<usize>,
+    /// Datagram backend: batch (recvmmsg/sendmmsg on epoll) [default: batch].
+    #[arg(long, env = "FERRY_IO", value_parser = io_arg)]
+    pub io: Option<IoBackend>,
+    /// Expiry of an allocation never bound [default: 60s].
+    #[arg(long, env = "FERRY_UNBOUND_TIMEOUT", value_parser = duration_arg)]
+    pub unbound_timeout: Option<Duration>,
+    /// Expiry of a bound allocation with no traffic [default: 10s].
+    #[arg(long, env = "FERRY_IDLE_TIMEOUT", value_parser = duration_arg)]
+    pub idle_timeout: Option<Duration>,
+    /// Expiry of a bound host with no peer [default: 60s].
+    #[arg(long, env = "FERRY_HOST_ALONE_TIMEOUT", value_parser = duration_arg)]
+    pub host_alone_timeout: Option<Duration>,
+    /// Silence after which a valid BIND from a new address moves the binding [default: 5s].
+    #[arg(long, env = "FERRY_REBIND_QUIET", value_parser = duration_arg)]
+    pub rebind_quiet: Option<Duration>,
+    /// Largest maxConnections a host may ask for [default: 100].
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS_CAP")]
+    pub max_connections_cap: Option<u16>,
+    /// Most allocations per shard [default: 1048576].
+    #[arg(long, env = "FERRY_MAX_ALLOCATIONS")]
+    pub max_allocations: Option<u32>,
+    /// Join code length, 6 to 12 [default: 8].
+    #[arg(long, env = "FERRY_JOIN_CODE_LENGTH")]
+    pub join_code_length: Option<usize>,
+    /// Accepted bearer tokens, comma separated (env) or repeated (flag).
+    #[arg(long = "api-token", env = "FERRY_API_TOKENS", value_delimiter = ',')]
+    pub api_tokens: Option<Vec<String>>,
+    /// API requests per second per client IP and per token [default: 50].
+    #[arg(long, env = "FERRY_API_RATE_LIMIT")]
+    pub api_rate_limit: Option<u32>,
+    /// Failed joins per minute per client IP [default: 20].
+    #[arg(long, env = "FERRY_JOIN_FAILURES_PER_IP_PER_MIN")]
+    pub join_failures_per_ip_per_min: Option<u32>,
+    /// Failed joins per second over all clients [default: 20].
+    #[arg(long, env = "FERRY_JOIN_FAILURES_GLOBAL_PER_SEC")]
+    pub join_failures_global_per_sec: Option<u32>,
+    /// Unix socket path of the control interface.
+    #[arg(long, env = "FERRY_CONTROL_SOCKET")]
+    pub control_socket: Option<PathBuf>,
+    /// Loopback TCP address of the control interface (needs --control-secret).
+    #[arg(long, env = "FERRY_CONTROL_LISTEN")]
+    pub control_listen: Option<SocketAddr>,
+    /// Shared secret for the TCP control interface.
+    #[arg(long, env = "FERRY_CONTROL_SECRET")]
+    pub control_secret: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "FERRY_LOG_FORMAT", value_parser = log_format_arg)]
+    pub log_format: Option<LogFormat>,
+    /// Relay secret (base64 of 64 bytes) for connection data [default: random per process].
+    #[arg(long, env = "FERRY_RELAY_SECRET")]
+    pub relay_secret: Option<String>,
+    /// How long SIGTERM lets live sessions run before exiting [default: 30s].
+    #[arg(long, env = "FERRY_DRAIN_TIMEOUT", value_parser = duration_arg)]
+    pub drain_timeout: Option<Duration>,
+}
+
+/// A duration in the TOML file: `"10s"`, `"250ms"`, or a number of seconds.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+enum FileDuration {
+    Secs(f64),
+    Text(String),
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    api_listen: Option<SocketAddr>,
+    relay_listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    advertise_port: Option<u16>,
+    region: Option<String>,
+    shards: Option<usize>,
+    io: Option<IoBackend>,
+    unbound_timeout: Option<FileDuration>,
+    idle_timeout: Option<FileDuration>,
+    host_alone_timeout: Option<FileDuration>,
+    rebind_quiet: Option<FileDuration>,
+    max_connections_cap: Option<u16>,
+    max_allocations: Option<u32>,
+    join_code_length: Option<usize>,
+    api_tokens: Option<Vec<String>>,
+    api_rate_limit: Option<u32>,
+    join_failures_per_ip_per_min: Option<u32>,
+    join_failures_global_per_sec: Option<u32>,
+    control_socket: Option<PathBuf>,
+    control_listen: Option<SocketAddr>,
+    control_secret: Option<String>,
+    log_format: Option<LogFormat>,
+    relay_secret: Option<String>,
+    drain_timeout: Option<FileDuration>,
+}
+
+fn file_duration(key: &str, d: Option<FileDuration>) -> Result<Option<Duration>, ConfigError> {
+    match d {
+        None => Ok(None),
+        Some(FileDuration::Secs(s)) => parse_duration(&s.to_string()).map(Some).map_err(|m| err(key, m)),
+        Some(FileDuration::Text(t)) => parse_duration(&t).map(Some).map_err(|m| err(key, m)),
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| err("config", format!("{}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_string();
+        let key = msg
+            .split('`')
+            .nth(1)
+            .filter(|_| msg.starts_with("unknown field"))
+            .map(str::to_string)
+            .or_else(|| {
+                e.span().and_then(|s| {
+                    text[..s.start]
+                        .lines()
+                        .last()
+                        .map(|l| l.split('=').next().unwrap_or("").trim().to_string())
+                })
+            })
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| "config".into());
+        err(&key, format!("{} ({})", msg.trim(), path.display()))
+    })
+}
+
+impl ServeArgs {
+    /// Merges flags/env over the file over the defaults, then validates.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let mut c = Config::defaults();
+        macro_rules! merge {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f.or(file.$f) { c.$f = v; } )* };
+        }
+        merge!(
+            api_listen,
+            relay_listen,
+            advertise,
+            advertise_port,
+            region,
+            shards,
+            io,
+            max_connections_cap,
+            max_allocations,
+            join_code_length,
+            api_tokens,
+            api_rate_limit,
+            join_failures_per_ip_per_min,
+            join_failures_global_per_sec,
+            log_format
+        );
+        macro_rules! merge_dur {
+            ($($f:ident),*) => { $(
+                if let Some(v) = self.$f.or(file_duration(stringify!($f), file.$f)?) { c.$f = v; }
+            )* };
+        }
+        merge_dur!(unbound_timeout, idle_timeout, host_alone_timeout, rebind_quiet, drain_timeout);
+        c.control_socket = self.control_socket.or(file.control_socket);
+        c.control_listen = self.control_listen.or(file.control_listen);
+        c.control_secret = self.control_secret.or(file.control_secret);
+        if let Some(s) = self.relay_secret.or(file.relay_secret) {
+            let key = crate::auth::AllocationKey::from_base64(s.trim())
+                .ok_or_else(|| err("relay_secret", "must be the base64 of exactly 64 bytes"))?;
+            c.relay_secret = key.0;
+        }
+        c.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("ferry-cfg-{}-{}.toml", std::process::id(), text.len()));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn file_then_flags_override() {
+        let p = file("region = \"eu-west\"\nidle_timeout = \"3s\"\nshards = 2\n");
+        let args = ServeArgs { config: Some(p.clone()), shards: Some(3), ..Default::default() };
+        let c = args.into_config().unwrap();
+        assert_eq!((c.region.as_str(), c.idle_timeout, c.shards), ("eu-west", Duration::from_secs(3), 3));
+        std::fs::remove_file(p).ok();
+    }
+
+    #[test]
+    fn bad_file_keys_are_named() {
+        let p = file("regoin = \"x\"\n");
+        let e = ServeArgs { config: Some(p.clone()), ..Default::default() }.into_config().unwrap_err();
+        assert_eq!(e.key, "regoin", "{e}");
+        std::fs::remove_file(p).ok();
+        let p = file("idle_timeout = \"soon\"\n\n");
+        let e = ServeArgs { config: Some(p.clone()), ..Default::default() }.into_config().unwrap_err();
+        assert_eq!(e.key, "idle_timeout", "{e}");
+        std::fs::remove_file(p).ok();
+        let p = file("shards = \"many\"\n\n\n");
+        let e = ServeArgs { config: Some(p.clone()), ..Default::default() }.into_config().unwrap_err();
+        assert_eq!(e.key, "shards", "{e}");
+        std::fs::remove_file(p).ok();
+    }
+
+    #[test]
+    fn relay_secret_must_be_64_bytes() {
+        let e =
+            ServeArgs { relay_secret: Some("AAAA".into()), ..Default::default() }.into_config().unwrap_err();
+        assert_eq!(e.key, "relay_secret");
+    }
+}

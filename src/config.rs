@@ -1,0 +1,292 @@
+//! Validated configuration with documented defaults. No sockets here.
+//!
+//! Precedence: command-line flag > `FERRY_*` environment variable > TOML file (`--config`) >
+//! the defaults below. Every error names the key that caused it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Which datagram backend the shards use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoBackend {
+    /// recvmmsg/sendmmsg over epoll.
+    Batch,
+}
+
+/// The complete, validated configuration of `ferry serve`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub api_listen: SocketAddr,
+    pub relay_listen: SocketAddr,
+    /// Host clients are told to reach the relay at (`serverEndpoints[].host`).
+    pub advertise: String,
+    pub advertise_port: u16,
+    pub region: String,
+    pub shards: usize,
+    pub io: IoBackend,
+    pub unbound_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub host_alone_timeout: Duration,
+    pub rebind_quiet: Duration,
+    pub max_connections_cap: u16,
+    pub max_allocations: u32,
+    pub join_code_length: usize,
+    /// Bearer tokens accepted by the API. Empty: anonymous, loopback only.
+    pub api_tokens: Vec<String>,
+    /// API requests per second per client IP (and per token), with a burst of twice that.
+    pub api_rate_limit: u32,
+    /// Failed joins per minute per client IP, and per second across all clients.
+    pub join_failures_per_ip_per_min: u32,
+    pub join_failures_global_per_sec: u32,
+    pub control_socket: Option<PathBuf>,
+    pub control_listen: Option<SocketAddr>,
+    pub control_secret: Option<String>,
+    pub log_format: LogFormat,
+    /// Relay secret for connection data (64 bytes); random per process unless set, which a
+    /// fleet whose relays must recognise each other's blobs would do.
+    pub relay_secret: [u8; 64],
+    /// How long SIGTERM waits for live sessions before exiting.
+    pub drain_timeout: Duration,
+}
+
+/// A configuration error that names its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid configuration `{}`: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+pub(crate) fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.to_string(), message: message.into() }
+}
+
+/// Parses a duration: `250ms`, `10s`, `2m`, or bare seconds (`1.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(v) = s.strip_suffix("ms") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('m') {
+        (v, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a duration (e.g. 250ms, 10s, 2m)"))?;
+    if !v.is_finite() || v < 0.0 || v * scale > 1e9 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+impl Config {
+    /// The defaults `ferry serve` runs with when nothing is configured.
+    pub fn defaults() -> Self {
+        Self {
+            api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 7880)),
+            relay_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7777)),
+            advertise: String::new(),
+            advertise_port: 0,
+            region: "local".into(),
+            shards: 1,
+            io: IoBackend::Batch,
+            unbound_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(10),
+            host_alone_timeout: Duration::from_secs(60),
+            rebind_quiet: Duration::from_secs(5),
+            max_connections_cap: 100,
+            max_allocations: 1 << 20,
+            join_code_length: 8,
+            api_tokens: Vec::new(),
+            api_rate_limit: 50,
+            join_failures_per_ip_per_min: 20,
+            join_failures_global_per_sec: 20,
+            control_socket: None,
+            control_listen: None,
+            control_secret: None,
+            log_format: LogFormat::Text,
+            relay_secret: [0; 64],
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Checks cross-field rules and fills derived values (advertised host and port).
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        if self.shards == 0 || self.shards > 1024 {
+            return Err(err("shards", "must be between 1 and 1024"));
+        }
+        if !(6..=12).contains(&self.join_code_length) {
+            return Err(err("join_code_length", "must be between 6 and 12 (what Unity clients accept)"));
+        }
+        if self.max_connections_cap == 0 || self.max_connections_cap > 1024 {
+            return Err(err("max_connections_cap", "must be between 1 and 1024"));
+        }
+        if self.max_allocations < 2 {
+            return Err(err("max_allocations", "must be at least 2"));
+        }
+        for (key, d) in [
+            ("unbound_timeout", self.unbound_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("host_alone_timeout", self.host_alone_timeout),
+        ] {
+            if d < Duration::from_millis(10) {
+                return Err(err(key, "must be at least 10ms"));
+            }
+        }
+        if self.api_rate_limit == 0 {
+            return Err(err("api_rate_limit", "must be at least 1"));
+        }
+        if self.region.is_empty() || self.region.len() > 64 {
+            return Err(err("region", "must be 1 to 64 characters"));
+        }
+        if self.api_tokens.iter().any(|t| t.len() < 16) {
+            return Err(err("api_tokens", "each token must be at least 16 characters"));
+        }
+        if self.api_tokens.is_empty() && !self.api_listen.ip().is_loopback() {
+            return Err(err(
+                "api_listen",
+                format!(
+                    "{} is not a loopback address and no api_tokens are set; anonymous access is only allowed on loopback",
+                    self.api_listen
+                ),
+            ));
+        }
+        if let Some(addr) = self.control_listen {
+            if !addr.ip().is_loopback() {
+                return Err(err(
+                    "control_listen",
+                    "must be a loopback address (use control_socket for a Unix socket)",
+                ));
+            }
+            if self.control_secret.as_deref().is_none_or(|s| s.len() < 16) {
+                return Err(err(
+                    "control_secret",
+                    "required (at least 16 characters) when control_listen is set",
+                ));
+            }
+        }
+        if self.advertise_port == 0 {
+            self.advertise_port = self.relay_listen.port();
+        }
+        if self.advertise.is_empty() {
+            self.advertise = derive_advertise(&self.relay_listen, &self.api_listen).to_string();
+        } else if self.advertise.parse::<IpAddr>().is_err() && !valid_hostname(&self.advertise) {
+            return Err(err(
+                "advertise",
+                format!("`{}` is neither an IP address nor a host name", self.advertise),
+            ));
+        }
+        if self.relay_secret == [0; 64] {
+            getrandom::getrandom(&mut self.relay_secret).map_err(|e| err("relay_secret", e.to_string()))?;
+        }
+        Ok(self)
+    }
+}
+
+fn valid_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        })
+}
+
+/// The relay's own IP if it listens on one; loopback when the API is loopback-only (the clients
+/// are local); otherwise the first non-loopback, non-link-local IPv4 address of an interface.
+fn derive_advertise(relay: &SocketAddr, api: &SocketAddr) -> IpAddr {
+    if !relay.ip().is_unspecified() {
+        return relay.ip();
+    }
+    if api.ip().is_loopback() {
+        return IpAddr::V4(Ipv4Addr::LOCALHOST);
+    }
+    first_interface_v4().map(IpAddr::V4).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+fn first_interface_v4() -> Option<Ipv4Addr> {
+    let mut ifs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a linked list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut ifs) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = ifs;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list returned by getifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() && ifa.ifa_flags & libc::IFF_UP as u32 != 0 {
+            // SAFETY: ifa_addr is non-null and points at a sockaddr of the family it names.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            if family == libc::AF_INET {
+                // SAFETY: AF_INET addresses are sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() {
+                    found = Some(ip);
+                    break;
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `ifs` came from getifaddrs.
+    unsafe { libc::freeifaddrs(ifs) };
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn defaults_validate_and_advertise_loopback() {
+        let c = Config::defaults().validate().unwrap();
+        assert_eq!(c.advertise, "127.0.0.1");
+        assert_eq!(c.advertise_port, 7777);
+        assert_ne!(c.relay_secret, [0; 64]);
+    }
+
+    #[test]
+    fn errors_name_their_key() {
+        let mut c = Config::defaults();
+        c.api_listen = "0.0.0.0:7880".parse().unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "api_listen");
+        let mut c = Config::defaults();
+        c.join_code_length = 5;
+        assert_eq!(c.validate().unwrap_err().key, "join_code_length");
+        let mut c = Config::defaults();
+        c.control_listen = Some("127.0.0.1:7881".parse().unwrap());
+        assert_eq!(c.validate().unwrap_err().key, "control_secret");
+        let mut c = Config::defaults();
+        c.advertise = "bad host!".into();
+        assert_eq!(c.validate().unwrap_err().key, "advertise");
+    }
+}

@@ -1,0 +1,10 @@
+//! The control plane: the allocation service, join codes, the HTTP API and the control socket.
+//! It reaches the relay's shards only by message ([`relay::RelayHandle`]).
+
+pub mod api;
+pub mod joincode;
+pub mod model;
+pub mod ratelimit;
+pub mod relay;
+pub mod service;
+pub mod socket;

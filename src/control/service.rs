@@ -1,0 +1,211 @@
+//! The allocation service: what the HTTP API and the control socket do, independent of transport.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+
+use super::joincode::{self, JoinCodes};
+use super::model::{Allocation, JoinAllocation, RelayServer, ServerEndpoint};
+use super::relay::{RelayError, RelayHandle};
+use crate::core::{ControlError, Created, Event, ReleaseReason};
+use crate::wire::AllocationId;
+
+/// What the service needs to know about where and how the relay is reached.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub advertise: String,
+    pub port: u16,
+    pub region: String,
+    pub join_code_length: usize,
+    pub max_connections_cap: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceError {
+    Invalid(String),
+    RegionNotFound(String),
+    AllocationNotFound,
+    NotAHost,
+    JoinCodeNotFound,
+    Capacity,
+    Draining,
+    Unavailable,
+}
+
+impl std::fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Invalid(m) => f.write_str(m),
+            Self::RegionNotFound(r) => write!(f, "region `{r}` not found"),
+            Self::AllocationNotFound => f.write_str("allocation not found"),
+            Self::NotAHost => f.write_str("only host allocations get join codes"),
+            Self::JoinCodeNotFound => f.write_str("join code not found"),
+            Self::Capacity => f.write_str("no relay has room for this allocation"),
+            Self::Draining => f.write_str("this relay is draining and takes no new allocations"),
+            Self::Unavailable => f.write_str("relay unavailable"),
+        }
+    }
+}
+
+impl From<RelayError> for ServiceError {
+    fn from(e: RelayError) -> Self {
+        match e {
+            RelayError::Control(ControlError::Full | ControlError::SessionFull) => Self::Capacity,
+            RelayError::Control(ControlError::MaxConnectionsOutOfRange) => {
+                Self::Invalid("maxConnections out of range".into())
+            }
+            RelayError::Control(ControlError::HostNotFound | ControlError::NotFound) => {
+                Self::AllocationNotFound
+            }
+            RelayError::Unavailable | RelayError::Entropy => Self::Unavailable,
+        }
+    }
+}
+
+pub struct AllocationService {
+    relay: RelayHandle,
+    codes: Mutex<JoinCodes>,
+    cfg: ServiceConfig,
+    draining: AtomicBool,
+}
+
+impl AllocationService {
+    pub fn new(relay: RelayHandle, cfg: ServiceConfig) -> Arc<Self> {
+        Arc::new(Self {
+            relay,
+            codes: Mutex::new(JoinCodes::default()),
+            cfg,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn relay(&self) -> &RelayHandle {
+        &self.relay
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.cfg
+    }
+
+    fn codes(&self) -> MutexGuard<'_, JoinCodes> {
+        // A panic while holding this lock cannot leave the maps inconsistent (each operation is
+        // a single insert/remove pair), so a poisoned lock is still usable.
+        self.codes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Live host allocations known to the API.
+    pub fn hosts(&self) -> usize {
+        self.codes().hosts()
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    fn allocation(&self, c: &Created) -> Allocation {
+        Allocation {
+            allocation_id: c.id.to_string(),
+            allocation_id_bytes: B64.encode(c.id.0),
+            server_endpoints: vec![ServerEndpoint {
+                connection_type: "udp".into(),
+                network: "udp".into(),
+                reliable: false,
+                secure: false,
+                host: self.cfg.advertise.clone(),
+                port: self.cfg.port,
+            }],
+            relay_server: RelayServer { ip_v4: self.cfg.advertise.clone(), port: self.cfg.port },
+            key: c.key.to_base64(),
+            connection_data: B64.encode(c.connection_data),
+            region: self.cfg.region.clone(),
+        }
+    }
+
+    pub async fn allocate(
+        &self,
+        max_connections: i64,
+        region: Option<&str>,
+    ) -> Result<Allocation, ServiceError> {
+        if self.is_draining() {
+            return Err(ServiceError::Draining);
+        }
+        let cap = self.cfg.max_connections_cap as i64;
+        if !(1..=cap).contains(&max_connections) {
+            return Err(ServiceError::Invalid(format!(
+                "maxConnections must be between 1 and {cap}, got {max_connections}"
+            )));
+        }
+        if let Some(r) = region.filter(|r| *r != self.cfg.region) {
+            return Err(ServiceError::RegionNotFound(r.to_string()));
+        }
+        let (shard, created) = self.relay.create_host(max_connections as u16).await?;
+        self.codes().add_host(created.id, B64.encode(created.connection_data));
+        tracing::info!(allocation = %created.id, shard, max_connections, "host allocation created");
+        Ok(self.allocation(&created))
+    }
+
+    /// The host's join code and whether it was created by this call.
+    pub fn join_code(&self, allocation_id: &str) -> Result<(String, bool), ServiceError> {
+        let id = AllocationId::parse(allocation_id)
+            .ok_or_else(|| ServiceError::Invalid(format!("allocationId `{allocation_id}` is not a UUID")))?;
+        let len = self.cfg.join_code_length;
+        match self.codes().code_for(&id, len) {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(_)) => Err(ServiceError::Unavailable),
+            None => Err(ServiceError::AllocationNotFound),
+        }
+    }
+
+    /// Resolves a join code (any case) to its live host and the host's connection data.
+    pub fn resolve(&self, code: &str) -> Option<(AllocationId, String)> {
+        let code = joincode::normalize(code)?;
+        let codes = self.codes();
+        let host = codes.resolve(&code)?;
+        Some((host, codes.host_connection_data(&host)?.to_string()))
+    }
+
+    pub async fn join(&self, code: &str) -> Result<JoinAllocation, ServiceError> {
+        if self.is_draining() {
+            return Err(ServiceError::Draining);
+        }
+        let (host, host_connection_data) = self.resolve(code).ok_or(ServiceError::JoinCodeNotFound)?;
+        let created = self.relay.create_joiner(host).await.map_err(|e| match ServiceError::from(e) {
+            ServiceError::AllocationNotFound => ServiceError::JoinCodeNotFound,
+            other => other,
+        })?;
+        tracing::info!(allocation = %created.id, host = %host, "joiner allocation created");
+        Ok(JoinAllocation { allocation: self.allocation(&created), host_connection_data })
+    }
+
+    /// Applies a shard's lifecycle event (join-code invalidation, logs).
+    pub fn on_event(&self, shard: usize, ev: Event) {
+        match ev {
+            Event::Bound { id, addr, moved } => {
+                tracing::info!(allocation = %id, shard, %addr, moved, "allocation bound")
+            }
+            Event::Connected { host, joiner } => {
+                tracing::info!(allocation = %joiner, host = %host, shard, "peer connected")
+            }
+            Event::Released { id, is_host, reason } => {
+                if is_host {
+                    self.codes().remove_host(&id);
+                }
+                let role = if is_host { "host" } else { "joiner" };
+                match reason {
+                    ReleaseReason::HostGone => {
+                        tracing::debug!(allocation = %id, shard, role, reason = reason.as_str(), "allocation released")
+                    }
+                    _ => {
+                        tracing::info!(allocation = %id, shard, role, reason = reason.as_str(), "allocation released")
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Prometheus text exposition, rendered at scrape time from per-shard snapshots.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::core::{DropReason, ReleaseReason, Stats};
+use crate::shard::ShardStats;
+use crate::wire::ErrorCode;
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Renders every metric. `api` counts requests by (route, status).
+pub fn render(shards: &[ShardStats], api: &BTreeMap<(String, u16), u64>, hosts: usize) -> String {
+    let mut total = Stats::default();
+    for s in shards {
+        total.merge(&s.core);
+    }
+    let mut o = String::with_capacity(8192);
+
+    family(&mut o, "ferry_allocations_active", "gauge", "Live allocations per shard.");
+    for s in shards {
+        let _ = writeln!(o, "ferry_allocations_active{{shard=\"{}\"}} {}", s.shard, s.allocations);
+    }
+    family(&mut o, "ferry_host_allocations_active", "gauge", "Live host allocations known to the API.");
+    let _ = writeln!(o, "ferry_host_allocations_active {hosts}");
+    family(&mut o, "ferry_allocations_total", "counter", "Allocations created.");
+    let _ = writeln!(o, "ferry_allocations_total {}", total.allocations_created);
+    family(&mut o, "ferry_allocations_released_total", "counter", "Allocations released, by reason.");
+    for r in ReleaseReason::ALL {
+        let _ = writeln!(
+            o,
+            "ferry_allocations_released_total{{reason=\"{}\"}} {}",
+            r.as_str(),
+            total.released_by(r)
+        );
+    }
+    family(&mut o, "ferry_binds_total", "counter", "BIND messages by result.");
+    for (result, v) in [
+        ("new", total.binds_new),
+        ("repeat", total.binds_repeat),
+        ("moved", total.binds_moved),
+        ("bad_hmac", total.drop_count(DropReason::BadHmac)),
+        ("refused", total.drop_count(DropReason::RebindRefused)),
+    ] {
+        let _ = writeln!(o, "ferry_binds_total{{result=\"{result}\"}} {v}");
+    }
+    family(&mut o, "ferry_connects_total", "counter", "CONNECT_REQUEST outcomes.");
+    let _ = writeln!(o, "ferry_connects_total{{result=\"accepted\"}} {}", total.connects_accepted);
+    let _ = writeln!(o, "ferry_connects_total{{result=\"rejected\"}} {}", total.connects_rejected);
+
+    family(&mut o, "ferry_packets_in_total", "counter", "Datagrams received, per shard.");
+    for s in shards {
+        let _ = writeln!(o, "ferry_packets_in_total{{shard=\"{}\"}} {}", s.shard, s.core.rx_packets);
+    }
+    family(&mut o, "ferry_bytes_in_total", "counter", "Bytes received.");
+    let _ = writeln!(o, "ferry_bytes_in_total {}", total.rx_bytes);
+    family(&mut o, "ferry_packets_out_total", "counter", "Datagrams sent, by kind.");
+    for (kind, v) in [
+        ("forward", total.forwarded_packets),
+        ("reply", total.reply_packets),
+        ("notify", total.notify_packets),
+    ] {
+        let _ = writeln!(o, "ferry_packets_out_total{{kind=\"{kind}\"}} {v}");
+    }
+    family(&mut o, "ferry_bytes_out_total", "counter", "Bytes sent, by kind.");
+    let _ = writeln!(o, "ferry_bytes_out_total{{kind=\"forward\"}} {}", total.forwarded_bytes);
+    let _ = writeln!(o, "ferry_bytes_out_total{{kind=\"reply\"}} {}", total.reply_bytes);
+    family(&mut o, "ferry_drops_total", "counter", "Datagrams that produced nothing, by reason.");
+    for r in DropReason::ALL {
+        let _ = writeln!(o, "ferry_drops_total{{reason=\"{}\"}} {}", r.as_str(), total.drop_count(r));
+    }
+    family(&mut o, "ferry_errors_sent_total", "counter", "ERROR messages sent, by code.");
+    for c in ErrorCode::ALL {
+        let _ = writeln!(
+            o,
+            "ferry_errors_sent_total{{code=\"{}\",name=\"{}\"}} {}",
+            c as u8,
+            c.as_str(),
+            total.errors(c)
+        );
+    }
+    family(&mut o, "ferry_io_total", "counter", "Shard I/O events, by kind.");
+    for s in shards {
+        let io = &s.io;
+        for (kind, v) in [
+            ("recv_batches", io.recv_batches),
+            ("recv_errors", io.recv_errors),
+            ("send_dropped_full", io.send_dropped_full),
+            ("send_errors", io.send_errors),
+            ("handoff_out", io.handoff_out),
+            ("handoff_in", io.handoff_in),
+            ("handoff_dropped", io.handoff_dropped),
+        ] {
+            let _ = writeln!(o, "ferry_io_total{{shard=\"{}\",kind=\"{kind}\"}} {v}", s.shard);
+        }
+    }
+    family(&mut o, "ferry_api_requests_total", "counter", "API requests by route and status.");
+    for ((route, status), v) in api {
+        let _ = writeln!(o, "ferry_api_requests_total{{route=\"{route}\",status=\"{status}\"}} {v}");
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_labels() {
+        let mut s = ShardStats::default();
+        s.core.drops[DropReason::BadHmac as usize] = 3;
+        s.core.rx_packets = 10;
+        let mut api = BTreeMap::new();
+        api.insert(("/v1/allocate".to_string(), 201), 2);
+        let text = render(&[s], &api, 1);
+        assert!(text.contains("ferry_drops_total{reason=\"bad_hmac\"} 3"));
+        assert!(text.contains("ferry_binds_total{result=\"bad_hmac\"} 3"));
+        assert!(text.contains("ferry_packets_in_total{shard=\"0\"} 10"));
+        assert!(text.contains("ferry_api_requests_total{route=\"/v1/allocate\",status=\"201\"} 2"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "bad sample line: {line}");
+        }
+    }
+}

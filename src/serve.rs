@@ -1,0 +1,244 @@
+//! `ferry serve`: starts the shards, the control plane and the API from a [`Config`], and stops
+//! them. Usable in-process (tests) through [`Running`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::control::api::{self, ApiLimits, ApiState};
+use crate::control::relay::RelayHandle;
+use crate::control::service::{AllocationService, ServiceConfig};
+use crate::control::socket::ControlServer;
+use crate::core::{CoreConfig, Rate};
+use crate::io::bind_udp;
+use crate::shard::{spawn_all, ShardSetup};
+
+/// A running relay with its API.
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub relay_addr: SocketAddr,
+    pub control_addr: Option<SocketAddr>,
+    pub service: Arc<AllocationService>,
+    pub state: ApiState,
+    relay: RelayHandle,
+    stop_api: watch::Sender<bool>,
+    api_task: tokio::task::JoinHandle<io::Result<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn core_config(cfg: &Config, shard: usize) -> CoreConfig {
+    let ms = |d: Duration| d.as_millis() as u64;
+    let mut c = CoreConfig::new(cfg.relay_secret);
+    c.shard = shard as u32;
+    c.shards = cfg.shards as u32;
+    c.max_allocations = cfg.max_allocations;
+    c.max_connections_cap = cfg.max_connections_cap;
+    c.unbound_timeout = ms(cfg.unbound_timeout);
+    c.idle_timeout = ms(cfg.idle_timeout);
+    c.host_alone_timeout = ms(cfg.host_alone_timeout);
+    c.rebind_quiet = ms(cfg.rebind_quiet);
+    c.error_rate_per_ip = Rate { per_sec: 20, burst: 40 };
+    c
+}
+
+fn with_context(e: io::Error, what: &str, addr: impl std::fmt::Display) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {addr}: {e}"))
+}
+
+impl Running {
+    /// Binds every socket and starts everything. Must be called inside a tokio runtime.
+    pub async fn start(mut cfg: Config) -> io::Result<Self> {
+        let clock = Clock::new();
+        // Shard 0 binds first so that port 0 (tests) resolves to one port all shards share.
+        let first = bind_udp(cfg.relay_listen, cfg.shards > 1)
+            .map_err(|e| with_context(e, "cannot bind relay_listen", cfg.relay_listen))?;
+        let relay_addr = first.local_addr()?;
+        if cfg.advertise_port == 0 {
+            cfg.advertise_port = relay_addr.port();
+        }
+        let mut sockets = vec![first];
+        for _ in 1..cfg.shards {
+            sockets.push(
+                bind_udp(relay_addr, true)
+                    .map_err(|e| with_context(e, "cannot bind relay_listen", relay_addr))?,
+            );
+        }
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let setups = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, socket)| ShardSetup {
+                index: i,
+                socket,
+                core: core_config(&cfg, i),
+                clock,
+                events: ev_tx.clone(),
+            })
+            .collect();
+        let (handles, threads) = spawn_all(setups)?;
+        let relay = RelayHandle::new(handles);
+
+        let service = AllocationService::new(
+            relay.clone(),
+            ServiceConfig {
+                advertise: cfg.advertise.clone(),
+                port: cfg.advertise_port,
+                region: cfg.region.clone(),
+                join_code_length: cfg.join_code_length,
+                max_connections_cap: cfg.max_connections_cap,
+            },
+        );
+        let mut tasks = Vec::new();
+        let svc = service.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some((shard, ev)) = ev_rx.recv().await {
+                svc.on_event(shard, ev);
+            }
+        }));
+
+        let control = ControlServer {
+            relay: relay.clone(),
+            advertise: cfg.advertise.clone(),
+            port: cfg.advertise_port,
+            secret: None,
+        };
+        if let Some(path) = cfg.control_socket.clone() {
+            let c = control.clone();
+            // Bind now so a bad path fails start-up instead of a background task.
+            let _ = std::fs::remove_file(&path);
+            std::os::unix::net::UnixListener::bind(&path)
+                .map_err(|e| with_context(e, "cannot bind control_socket", path.display()))?;
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = c.run_unix(&path).await {
+                    tracing::error!(error = %e, "control socket stopped");
+                }
+            }));
+        }
+        let mut control_addr = None;
+        if let Some(addr) = cfg.control_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| with_context(e, "cannot bind control_listen", addr))?;
+            control_addr = Some(l.local_addr()?);
+            let c = ControlServer { secret: cfg.control_secret.as_deref().map(Arc::from), ..control };
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = c.run_tcp(l).await {
+                    tracing::error!(error = %e, "control listener stopped");
+                }
+            }));
+        }
+
+        let limits = ApiLimits {
+            tokens: cfg.api_tokens.clone(),
+            requests_per_sec: cfg.api_rate_limit,
+            join_failures_per_ip_per_min: cfg.join_failures_per_ip_per_min,
+            join_failures_global_per_sec: cfg.join_failures_global_per_sec,
+        };
+        let state = ApiState::new(service.clone(), limits, clock);
+        let listener = tokio::net::TcpListener::bind(cfg.api_listen)
+            .await
+            .map_err(|e| with_context(e, "cannot bind api_listen", cfg.api_listen))?;
+        let api_addr = listener.local_addr()?;
+        let (stop_api, mut stop_rx) = watch::channel(false);
+        let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let api_task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        tracing::info!(
+            api = %api_addr,
+            relay = %relay_addr,
+            advertise = %format!("{}:{}", cfg.advertise, cfg.advertise_port),
+            shards = cfg.shards,
+            region = %cfg.region,
+            "ferry serving"
+        );
+        Ok(Self {
+            api_addr,
+            relay_addr,
+            control_addr,
+            service,
+            state,
+            relay,
+            stop_api,
+            api_task,
+            threads,
+            tasks,
+        })
+    }
+
+    /// Live allocations over all shards.
+    pub async fn allocations(&self) -> usize {
+        self.relay.stats().await.iter().map(|s| s.allocations).sum()
+    }
+
+    /// Refuses new allocations and reports not-ready; live sessions keep working.
+    pub fn start_draining(&self) {
+        self.service.start_draining();
+    }
+
+    /// Stops the API, the control sockets and the shards, and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.stop_api.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.api_task).await;
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.relay.stop();
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        tracing::info!("ferry stopped");
+    }
+}
+
+/// Runs until SIGINT/SIGTERM. The first signal drains: `/readyz` turns 503 and new allocations
+/// are refused while live sessions go on, until none is left or `drain_timeout` passes. A second
+/// signal stops at once.
+pub async fn serve_until_signal(cfg: Config) -> io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let drain = cfg.drain_timeout;
+    let running = Running::start(cfg).await?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    running.start_draining();
+    let left = running.allocations().await;
+    tracing::info!(allocations = left, deadline_secs = drain.as_secs_f64(), "draining: no new allocations");
+    let deadline = tokio::time::sleep(drain);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                tracing::info!("drain deadline reached");
+                break;
+            }
+            _ = term.recv() => { tracing::info!("second signal: stopping now"); break; }
+            _ = int.recv() => { tracing::info!("second signal: stopping now"); break; }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if running.allocations().await == 0 {
+                    tracing::info!("drained: no live allocations");
+                    break;
+                }
+            }
+        }
+    }
+    running.shutdown().await;
+    Ok(())
+}

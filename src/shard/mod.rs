@@ -1,0 +1,294 @@
+//! A shard: one thread that owns one [`Core`], one UDP socket and one event loop.
+//!
+//! Each turn: control messages first (bounded), then up to [`RECV_BATCHES_PER_TURN`] receive
+//! batches, then timers, then relay-originated datagrams and lifecycle events. A flood can use at
+//! most one turn's budget before timers and control messages get their go. The control plane
+//! reaches a shard only through its mailbox ([`ShardHandle`]); counters are copied out on request.
+//!
+//! With several shards on one `SO_REUSEPORT` address, a datagram can land on a shard that does not
+//! own its session; it is handed to the owner through the owner's mailbox, so correctness never
+//! depends on how the kernel spreads datagrams.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use mio::{Events, Interest, Poll, Token, Waker};
+use tokio::sync::oneshot;
+
+use crate::clock::{Clock, Millis};
+use crate::core::{owner_shard, Action, Control, ControlError, ControlReply, Core, CoreConfig, Event, Stats};
+use crate::io::{BatchIo, PacketBatch, SendItem, SendReport, BATCH};
+use crate::wire::{MessageType, MAX_DATAGRAM};
+
+const SOCKET: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Receive batches (of up to 64 datagrams) handled per loop turn before timers and control run.
+pub const RECV_BATCHES_PER_TURN: usize = 16;
+/// Mailbox messages handled per loop turn.
+const CONTROL_PER_TURN: usize = 256;
+/// Handed-off datagrams waiting for one shard before more are dropped.
+const MAILBOX_CAPACITY: usize = 16 * 1024;
+
+/// Counters of the shard's I/O, next to the core's protocol counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IoStats {
+    pub recv_batches: u64,
+    pub send_dropped_full: u64,
+    pub send_errors: u64,
+    pub recv_errors: u64,
+    pub handoff_out: u64,
+    pub handoff_in: u64,
+    pub handoff_dropped: u64,
+}
+
+/// A snapshot of one shard.
+#[derive(Clone, Debug, Default)]
+pub struct ShardStats {
+    pub shard: usize,
+    pub allocations: usize,
+    pub core: Stats,
+    pub io: IoStats,
+}
+
+/// A datagram handed from the shard that received it to the shard that owns it.
+pub struct Handoff {
+    pub src: SocketAddr,
+    pub data: Vec<u8>,
+}
+
+pub enum ShardMsg {
+    Control(Control, oneshot::Sender<Result<ControlReply, ControlError>>),
+    Stats(oneshot::Sender<ShardStats>),
+    Handoff(Handoff),
+    Stop,
+}
+
+/// How the rest of the process talks to a shard.
+#[derive(Clone)]
+pub struct ShardHandle {
+    pub index: usize,
+    tx: Sender<ShardMsg>,
+    waker: Arc<Waker>,
+}
+
+impl ShardHandle {
+    /// Queues a message and wakes the shard. Fails only when the mailbox is full or the shard is gone.
+    pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                let _ = self.waker.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
+        }
+    }
+}
+
+/// Everything a shard thread needs, built on the spawning thread.
+pub struct ShardSetup {
+    pub index: usize,
+    pub socket: UdpSocket,
+    pub core: CoreConfig,
+    pub clock: Clock,
+    pub events: tokio::sync::mpsc::UnboundedSender<(usize, Event)>,
+}
+
+/// Builds mailboxes and wakers for `setups.len()` shards, then starts one thread per shard.
+pub fn spawn_all(setups: Vec<ShardSetup>) -> io::Result<(Vec<ShardHandle>, Vec<JoinHandle<()>>)> {
+    let mut polls = Vec::new();
+    let mut handles = Vec::new();
+    let mut rxs = Vec::new();
+    for s in &setups {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = crossbeam_channel::bounded(MAILBOX_CAPACITY);
+        handles.push(ShardHandle { index: s.index, tx, waker });
+        polls.push(poll);
+        rxs.push(rx);
+    }
+    let mut threads = Vec::new();
+    for ((setup, poll), rx) in setups.into_iter().zip(polls).zip(rxs) {
+        let peers = handles.clone();
+        let t =
+            std::thread::Builder::new().name(format!("ferry-shard-{}", setup.index)).spawn(move || {
+                let index = setup.index;
+                if let Err(e) = run(setup, poll, rx, peers) {
+                    tracing::error!(shard = index, error = %e, "shard stopped on an I/O error");
+                }
+            })?;
+        threads.push(t);
+    }
+    Ok((handles, threads))
+}
+
+/// The owner shard of a datagram, read where steering reads it (offset 4, or 8 for BIND).
+#[inline]
+fn datagram_owner(d: &[u8], shards: u32) -> Option<usize> {
+    if d.len() < 24 || d[0] != crate::wire::SIGNATURE_0 || d[1] != crate::wire::SIGNATURE_1 {
+        return None;
+    }
+    let off = if d[3] == MessageType::Bind as u8 { 8 } else { 4 };
+    let mut id = crate::wire::AllocationId::default();
+    id.0.copy_from_slice(&d[off..off + 16]);
+    Some(owner_shard(&id, shards) as usize)
+}
+
+struct Loop {
+    index: usize,
+    core: Core,
+    io: BatchIo,
+    batch: PacketBatch,
+    sends: Vec<SendItem>,
+    peers: Vec<ShardHandle>,
+    stats: IoStats,
+    events: tokio::sync::mpsc::UnboundedSender<(usize, Event)>,
+}
+
+impl Loop {
+    fn count(&mut self, r: SendReport) {
+        self.stats.send_dropped_full += r.would_block as u64;
+        self.stats.send_errors += r.errors as u64;
+    }
+
+    /// Handles one received batch of `n` datagrams.
+    fn process_batch(&mut self, now: Millis, n: usize) {
+        self.sends.clear();
+        let shards = self.peers.len() as u32;
+        for i in 0..n {
+            let m = self.batch.meta[i];
+            // A truncated datagram is oversize by definition; let the core count it as such.
+            let len = if m.truncated { MAX_DATAGRAM + 1 } else { m.len };
+            let buf = &mut self.batch.bufs[i][..len];
+            if shards > 1 {
+                if let Some(owner) = datagram_owner(buf, shards).filter(|&o| o != self.index) {
+                    let msg = ShardMsg::Handoff(Handoff { src: m.src, data: buf.to_vec() });
+                    match self.peers[owner].send(msg) {
+                        Ok(()) => self.stats.handoff_out += 1,
+                        Err(_) => self.stats.handoff_dropped += 1,
+                    }
+                    continue;
+                }
+            }
+            match self.core.handle_datagram(now, m.src, buf) {
+                Action::Forward(dst) => self.sends.push(SendItem { slot: i, len, dst }),
+                Action::Reply(r) => self.sends.push(SendItem { slot: i, len: r, dst: m.src }),
+                Action::Consumed | Action::Drop(_) => {}
+            }
+        }
+        if !self.sends.is_empty() {
+            let r = self.io.send(&self.batch, &self.sends);
+            self.count(r);
+        }
+    }
+
+    fn handoff(&mut self, now: Millis, mut h: Handoff) {
+        self.stats.handoff_in += 1;
+        let src = h.src;
+        let r = match self.core.handle_datagram(now, src, &mut h.data) {
+            Action::Forward(dst) => self.io.send_one(&dst, &h.data),
+            Action::Reply(n) => self.io.send_one(&src, &h.data[..n]),
+            Action::Consumed | Action::Drop(_) => return,
+        };
+        self.count(r);
+    }
+
+    fn flush_core(&mut self) {
+        while let Some(t) = self.core.poll_transmit() {
+            let r = self.io.send_one(&t.to, t.payload());
+            self.count(r);
+        }
+        while let Some(e) = self.core.poll_event() {
+            let _ = self.events.send((self.index, e));
+        }
+    }
+
+    fn snapshot(&self) -> ShardStats {
+        ShardStats {
+            shard: self.index,
+            allocations: self.core.allocations(),
+            core: self.core.stats().clone(),
+            io: self.stats.clone(),
+        }
+    }
+}
+
+fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<ShardHandle>) -> io::Result<()> {
+    let clock = setup.clock;
+    let mut sock = mio::net::UdpSocket::from_std(setup.socket);
+    poll.registry().register(&mut sock, SOCKET, Interest::READABLE)?;
+    let mut lp = Loop {
+        index: setup.index,
+        core: Core::new(setup.core, clock.now()),
+        io: BatchIo::new(&sock),
+        batch: PacketBatch::new(),
+        sends: Vec::with_capacity(BATCH),
+        peers,
+        stats: IoStats::default(),
+        events: setup.events,
+    };
+    let mut events = Events::with_capacity(64);
+    let mut readable = true;
+    loop {
+        let timeout = if readable {
+            Some(Duration::ZERO)
+        } else {
+            let now = clock.now();
+            let wait = lp.core.poll_timeout().map_or(1000, |t| t.saturating_sub(now).min(1000));
+            Some(Duration::from_millis(wait))
+        };
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        if events.iter().any(|e| e.token() == SOCKET) {
+            readable = true;
+        }
+
+        let now = clock.now();
+        for _ in 0..CONTROL_PER_TURN {
+            match rx.try_recv() {
+                Ok(ShardMsg::Control(cmd, reply)) => {
+                    let _ = reply.send(lp.core.handle_control(now, cmd));
+                }
+                Ok(ShardMsg::Stats(reply)) => {
+                    let _ = reply.send(lp.snapshot());
+                }
+                Ok(ShardMsg::Handoff(h)) => lp.handoff(now, h),
+                Ok(ShardMsg::Stop) => {
+                    lp.flush_core();
+                    return Ok(());
+                }
+                Err(_) => break,
+            }
+        }
+
+        if readable {
+            readable = false;
+            for _ in 0..RECV_BATCHES_PER_TURN {
+                match lp.io.recv(&mut lp.batch) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        lp.stats.recv_batches += 1;
+                        let now = clock.now();
+                        lp.process_batch(now, n);
+                        // Budget may run out with datagrams still queued: come back without waiting.
+                        readable = true;
+                    }
+                    Err(e) => {
+                        lp.stats.recv_errors += 1;
+                        tracing::warn!(shard = lp.index, error = %e, "receive failed");
+                        break;
+                    }
+                }
+            }
+        }
+
+        lp.core.handle_timeout(clock.now());
+        lp.flush_core();
+    }
+}
