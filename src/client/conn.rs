@@ -177,6 +177,17 @@ impl RelayClient {
         self.relay
     }
 
+    /// Moves to a fresh local socket (a new source port), as after a network change or a NAT
+    /// rebinding. The relay answers the next message with ERROR 3, and [`recv_relay`]
+    /// (Self::recv_relay) re-BINDs with a higher nonce, which moves the binding.
+    pub fn migrate_socket(&mut self) -> Result<(), ClientError> {
+        let local: SocketAddr = if self.relay.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+            .parse()
+            .map_err(|_| ClientError::BadAllocation("local address".into()))?;
+        self.sock = UdpSocket::bind(local)?;
+        Ok(())
+    }
+
     fn send_raw(&mut self, d: &[u8]) -> Result<(), ClientError> {
         self.sock.send_to(d, self.relay)?;
         self.last_sent = self.clock.now();

@@ -1,0 +1,185 @@
+//! The allocations API's contract: shapes, status codes, problem bodies for every bad input,
+//! auth, rate limits, health and readiness.
+
+mod support;
+
+use ferry::client::ApiClient;
+use serde_json::Value;
+use support::*;
+
+fn call(api: &ApiClient, method: &str, path: &str, body: Option<&str>) -> (u16, Value, Option<String>) {
+    let r = api.raw(method, path, body.map(str::as_bytes)).unwrap();
+    let ct = r.header("content-type").map(str::to_string);
+    let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    (r.status, v, ct)
+}
+
+fn assert_problem(api: &ApiClient, method: &str, path: &str, body: Option<&str>, status: u16, code: u64) {
+    let (s, v, ct) = call(api, method, path, body);
+    assert_eq!(s, status, "{method} {path} {body:?} → {v}");
+    assert_eq!(ct.as_deref(), Some("application/problem+json"), "{method} {path} {body:?}");
+    assert_eq!(v["status"], status as u64);
+    assert_eq!(v["code"], code, "{v}");
+    assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()), "readable detail: {v}");
+    assert!(v["title"].is_string() && v["type"].is_string());
+}
+
+#[test]
+fn success_shapes_match_unity() {
+    let srv = Server::start(|c| c.region = "eu-west".into());
+    let api = srv.api();
+    let (s, v, _) = call(&api, "POST", "/v1/allocate", Some(r#"{"maxConnections": 4, "region": "eu-west"}"#));
+    assert_eq!(s, 201);
+    assert_eq!(v["meta"]["status"], 201);
+    assert!(v["meta"]["requestId"].is_string());
+    let a = &v["data"]["allocation"];
+    for k in ["allocationId", "allocationIdBytes", "key", "connectionData", "region"] {
+        assert!(a[k].is_string(), "{k} in {a}");
+    }
+    let ep = &a["serverEndpoints"][0];
+    assert_eq!(
+        (
+            ep["connectionType"].as_str(),
+            ep["network"].as_str(),
+            ep["reliable"].as_bool(),
+            ep["secure"].as_bool()
+        ),
+        (Some("udp"), Some("udp"), Some(false), Some(false))
+    );
+    assert!(ep["host"].is_string() && ep["port"].is_u64());
+    assert!(a["relayServer"]["ipV4"].is_string() && a["relayServer"]["port"].is_u64());
+    let id = a["allocationId"].as_str().unwrap();
+    assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 4);
+    assert_eq!(b64(a["allocationIdBytes"].as_str().unwrap()), uuid::Uuid::parse_str(id).unwrap().as_bytes());
+
+    let body = format!(r#"{{"allocationId": "{id}"}}"#);
+    let (s, v, _) = call(&api, "POST", "/v1/joincode", Some(&body));
+    assert_eq!(s, 201);
+    let code = v["data"]["joinCode"].as_str().unwrap().to_string();
+    let (s, _, _) = call(&api, "POST", "/v1/joincode", Some(&body));
+    assert_eq!(s, 200, "asking again returns the same code with 200");
+
+    let (s, v, _) =
+        call(&api, "POST", "/v1/join", Some(&format!(r#"{{"joinCode": "{}"}}"#, code.to_lowercase())));
+    assert_eq!(s, 200);
+    assert_eq!(v["data"]["allocation"]["hostConnectionData"], a["connectionData"]);
+    assert!(v["data"]["allocation"]["key"].is_string());
+
+    let (s, v, _) = call(&api, "GET", "/v1/regions", None);
+    assert_eq!(s, 200);
+    assert_eq!(v["data"]["regions"][0]["id"], "eu-west");
+}
+
+#[test]
+fn every_bad_input_gets_a_problem() {
+    let srv = Server::start(|c| c.join_failures_per_ip_per_min = 1000);
+    let api = srv.api();
+    let alloc = "/v1/allocate";
+    for body in [
+        "",
+        "{",
+        "not json",
+        "[]",
+        "{}",
+        r#"{"maxConnections": "two"}"#,
+        r#"{"maxConnections": 1.5}"#,
+        r#"{"maxConnections": null}"#,
+        r#"{"maxConnections": 0}"#,
+        r#"{"maxConnections": -1}"#,
+        r#"{"maxConnections": 101}"#,
+        r#"{"maxConnections": 99999999999999999999}"#,
+        r#"{"maxConnections": 2, "region": 7}"#,
+    ] {
+        assert_problem(&api, "POST", alloc, Some(body), 400, 15001);
+    }
+    let big = format!(r#"{{"maxConnections": 2, "pad": "{}"}}"#, "x".repeat(20_000));
+    assert_problem(&api, "POST", alloc, Some(&big), 400, 15001);
+    assert_problem(&api, "POST", alloc, Some(r#"{"maxConnections": 2, "region": "mars"}"#), 404, 15007);
+
+    for body in ["", "{}", r#"{"allocationId": 5}"#, r#"{"allocationId": "not-a-uuid"}"#] {
+        assert_problem(&api, "POST", "/v1/joincode", Some(body), 400, 15001);
+    }
+    let unknown = r#"{"allocationId": "3f2504e0-4f89-41d3-9a0c-0305e82c3301"}"#;
+    assert_problem(&api, "POST", "/v1/joincode", Some(unknown), 404, 15008);
+
+    for body in ["", "{}", r#"{"joinCode": 123}"#, r#"{"joinCode": "ABC"}"#, r#"{"joinCode": "AAAAAAAA"}"#] {
+        assert_problem(&api, "POST", "/v1/join", Some(body), 400, 15001);
+    }
+    assert_problem(&api, "POST", "/v1/join", Some(r#"{"joinCode": "6789BCDF"}"#), 404, 15009);
+
+    assert_problem(&api, "GET", "/v1/nothing", None, 404, 15001);
+    assert_problem(&api, "GET", alloc, None, 405, 15001);
+    assert_problem(&api, "DELETE", "/v1/join", None, 405, 15001);
+    assert!(srv.metric("ferry_api_requests_total{route=\"/v1/allocate\",status=\"400\"}") >= 14);
+}
+
+#[test]
+fn bearer_tokens_when_configured() {
+    let srv = Server::start(|c| c.api_tokens = vec!["0123456789abcdef-token".into()]);
+    let anon = srv.api();
+    assert_problem(&anon, "POST", "/v1/allocate", Some(r#"{"maxConnections": 2}"#), 401, 15401);
+    let wrong = srv.api().with_token("0123456789abcdef-nope!");
+    assert_problem(&wrong, "POST", "/v1/allocate", Some(r#"{"maxConnections": 2}"#), 401, 15401);
+    let ok = srv.api().with_token("0123456789abcdef-token");
+    assert!(ok.allocate(2, None).is_ok());
+    // Health endpoints stay open for probes.
+    assert_eq!(anon.raw("GET", "/healthz", None).unwrap().status, 200);
+}
+
+#[test]
+fn per_ip_rate_limit_answers_429_with_retry_after() {
+    let srv = Server::start(|c| c.api_rate_limit = 5);
+    let api = srv.api();
+    let statuses: Vec<u16> = (0..30).map(|_| api.raw("GET", "/v1/regions", None).unwrap().status).collect();
+    assert!(statuses.iter().filter(|&&s| s == 200).count() >= 10, "burst of twice the rate: {statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let r = api.raw("GET", "/v1/regions", None).unwrap();
+    assert_eq!(r.status, 429);
+    assert!(r.header("retry-after").is_some());
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["code"], 15429);
+}
+
+#[test]
+fn failed_joins_are_limited_per_ip() {
+    let srv = Server::start(|c| c.join_failures_per_ip_per_min = 3);
+    let api = srv.api();
+    for _ in 0..3 {
+        assert_problem(&api, "POST", "/v1/join", Some(r#"{"joinCode": "6789BCDF"}"#), 404, 15009);
+    }
+    assert_problem(&api, "POST", "/v1/join", Some(r#"{"joinCode": "6789BCDF"}"#), 429, 15429);
+    // Even a valid code waits: the limiter answers before any lookup.
+    let a = api.allocate(2, None).unwrap();
+    let code = api.join_code(&a.allocation_id).unwrap();
+    assert_problem(&api, "POST", "/v1/join", Some(&format!(r#"{{"joinCode": "{code}"}}"#)), 429, 15429);
+}
+
+#[test]
+fn health_readiness_metrics_and_drain() {
+    let srv = Server::start(|_| {});
+    let api = srv.api();
+    assert_eq!(api.raw("GET", "/healthz", None).unwrap().status, 200);
+    assert_eq!(api.raw("GET", "/readyz", None).unwrap().status, 200);
+    let m = api.raw("GET", "/metrics", None).unwrap();
+    assert!(m.header("content-type").unwrap().starts_with("text/plain"));
+    let text = String::from_utf8(m.body).unwrap();
+    for family in [
+        "ferry_allocations_active",
+        "ferry_allocations_total",
+        "ferry_binds_total",
+        "ferry_packets_in_total",
+        "ferry_bytes_in_total",
+        "ferry_packets_out_total",
+        "ferry_drops_total",
+        "ferry_api_requests_total",
+    ] {
+        assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+    }
+    let a = api.allocate(2, None).unwrap();
+    srv.running().start_draining();
+    assert_eq!(api.raw("GET", "/readyz", None).unwrap().status, 503);
+    assert_problem(&api, "POST", "/v1/allocate", Some(r#"{"maxConnections": 2}"#), 503, 15010);
+    // Live allocations keep working while draining.
+    let raw = Raw::new(&a);
+    assert_eq!(raw.bind(0), BIND_RECEIVED);
+}

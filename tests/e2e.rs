@@ -1,0 +1,312 @@
+//! End to end over loopback: the real HTTP API and UDP relay, driven by the SDK and by raw
+//! datagrams shaped exactly as Unity Transport's.
+
+mod support;
+
+use std::time::Duration;
+
+use ferry::client::packets;
+use ferry::client::{ClientError, RelayClient};
+use ferry::control::socket::{ControlClient, Status};
+use ferry::wire::ErrorCode;
+use support::*;
+
+#[test]
+fn host_and_three_joiners_with_utp_datagrams() {
+    let srv = Server::start(|_| {});
+    let api = srv.api();
+    let host_alloc = api.allocate(3, None).unwrap();
+    assert_eq!(host_alloc.server_endpoints[0].port, srv.relay_addr().port());
+    assert_eq!(host_alloc.relay_server.ip_v4, "127.0.0.1");
+    assert_eq!(b64(&host_alloc.key).len(), 64);
+    assert_eq!(b64(&host_alloc.connection_data).len(), 255);
+    let host = Raw::new(&host_alloc);
+    assert_eq!(host.bind(0), BIND_RECEIVED);
+
+    let code = api.join_code(&host_alloc.allocation_id).unwrap();
+    assert_eq!(code.len(), 8);
+    assert_eq!(api.join_code(&host_alloc.allocation_id).unwrap(), code, "one code per host");
+
+    let mut joiners = Vec::new();
+    for i in 0..3 {
+        let j = api.join(&code.to_lowercase()).unwrap();
+        assert_eq!(j.host_connection_data, host_alloc.connection_data);
+        let raw = Raw::new(&j.allocation);
+        assert_eq!(raw.bind(0), BIND_RECEIVED);
+        let acc = raw.connect(&b64(&j.host_connection_data));
+        assert_eq!(acc, pair(6, &host.id, &raw.id), "ACCEPTED(from host, to requester), 36 bytes");
+        // Relay: the host learns of the peer from its first RELAY, byte for byte.
+        let payload = vec![i as u8; 1200];
+        raw.relay_to(&host.id, &payload);
+        let got = host.recv();
+        assert_eq!(got, packets::relay(&raw.id, &host.id, &payload).unwrap());
+        assert_eq!(got.len(), 38 + 1200);
+        joiners.push(raw);
+    }
+    for j in &joiners {
+        host.relay_to(&j.id, b"state");
+        assert_eq!(j.recv(), packets::relay(&host.id, &j.id, b"state").unwrap());
+    }
+    // PING is echoed unchanged.
+    let ping = packets::ping(&joiners[0].id, 1);
+    joiners[0].send(&ping);
+    assert_eq!(joiners[0].recv(), ping);
+    host.silent(100);
+    assert!(srv.metric("ferry_packets_out_total{kind=\"forward\"}") >= 6);
+    assert_eq!(srv.metric("ferry_binds_total{result=\"new\"}"), 4);
+}
+
+#[test]
+fn every_error_path_over_sockets() {
+    let srv = Server::start(|c| c.idle_timeout = Duration::from_millis(400));
+    let api = srv.api();
+    let host_alloc = api.allocate(2, None).unwrap();
+    let host = Raw::new(&host_alloc);
+    host.bind(0);
+    let code = api.join_code(&host_alloc.allocation_id).unwrap();
+    let j = Raw::new(&api.join(&code).unwrap().allocation);
+    j.bind(0);
+    assert_eq!(j.connect(&host.conn), pair(6, &host.id, &j.id));
+
+    // 0: version.
+    let mut d = packets::relay(&j.id, &host.id, b"x").unwrap();
+    d[2] = 1;
+    j.send(&d);
+    assert_eq!(j.recv(), error(&j.id, ErrorCode::InvalidProtocolVersion));
+    // 2: target is another session's host.
+    let other = Raw::new(&api.allocate(2, None).unwrap());
+    other.bind(0);
+    assert_eq!(j.connect(&other.conn), error(&j.id, ErrorCode::Unauthorized));
+    // 6: self-connect.
+    assert_eq!(j.connect(&j.conn), error(&j.id, ErrorCode::SelfConnect));
+    // 3: the joiner's ID from another socket.
+    let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    stranger.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    stranger.send_to(&packets::relay(&j.id, &host.id, b"x").unwrap(), srv.relay_addr()).unwrap();
+    let mut buf = [0u8; 64];
+    let n = stranger.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], error(&j.id, ErrorCode::BoundElsewhere));
+    // 5: RELAY to an allocation not linked with the sender.
+    j.relay_to(&other.id, b"x");
+    assert_eq!(j.recv(), error(&j.id, ErrorCode::NotConnected));
+    // 4: unknown allocation.
+    let mut ghost = j.id;
+    ghost.0[0] ^= 0xFF;
+    j.send(&packets::ping(&ghost, 1));
+    assert_eq!(j.recv(), error(&ghost, ErrorCode::AllocationNotFound));
+    // 1: timed out (the host keeps pinging; the joiner goes quiet past idle_timeout).
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(100));
+        host.send(&packets::ping(&host.id, 1));
+        host.recv();
+    }
+    j.send(&packets::ping(&j.id, 1));
+    assert_eq!(j.recv(), error(&j.id, ErrorCode::AllocationTimedOut));
+    // A RELAY to the expired peer is "not connected" for the host, never ERROR 4.
+    host.relay_to(&j.id, b"x");
+    assert_eq!(host.recv(), error(&host.id, ErrorCode::NotConnected));
+    for c in ErrorCode::ALL {
+        assert!(srv.metric(&format!("ferry_errors_sent_total{{code=\"{}\"", c as u8)) > 0, "{c:?}");
+    }
+}
+
+#[test]
+fn rejected_at_capacity() {
+    let srv = Server::start(|_| {});
+    let api = srv.api();
+    let host_alloc = api.allocate(1, None).unwrap();
+    let host = Raw::new(&host_alloc);
+    host.bind(0);
+    let code = api.join_code(&host_alloc.allocation_id).unwrap();
+    let a = Raw::new(&api.join(&code).unwrap().allocation);
+    let b = Raw::new(&api.join(&code).unwrap().allocation);
+    a.bind(0);
+    b.bind(0);
+    assert_eq!(a.connect(&host.conn), pair(6, &host.id, &a.id));
+    assert_eq!(b.connect(&host.conn), pair(8, &host.id, &b.id), "REJECTED(from host, to requester)");
+    // The SDK reports it as such.
+    let mut sdk = RelayClient::new(&api.join(&code).unwrap().allocation).unwrap();
+    sdk.bind().unwrap();
+    assert!(matches!(sdk.connect(&host.conn), Err(ClientError::Rejected)));
+}
+
+#[test]
+fn host_close_disconnects_joiners_and_kills_the_join_code() {
+    let srv = Server::start(|_| {});
+    let api = srv.api();
+    let host_alloc = api.allocate(4, None).unwrap();
+    let host = Raw::new(&host_alloc);
+    host.bind(0);
+    let code = api.join_code(&host_alloc.allocation_id).unwrap();
+    let joiners: Vec<Raw> = (0..2)
+        .map(|_| {
+            let j = Raw::new(&api.join(&code).unwrap().allocation);
+            j.bind(0);
+            assert_eq!(j.connect(&host.conn)[3], 6);
+            j
+        })
+        .collect();
+    host.send(&packets::close(&host.id));
+    for j in &joiners {
+        assert_eq!(j.recv(), pair(9, &host.id, &j.id), "DISCONNECT(from host, to peer)");
+        j.send(&packets::ping(&j.id, 1));
+        assert_eq!(j.recv(), error(&j.id, ErrorCode::AllocationNotFound), "joiner released with its host");
+    }
+    // The API learns of it from the shard's event: the code 404s.
+    let mut status = 0;
+    for _ in 0..50 {
+        match api.join(&code) {
+            Err(ferry::client::ApiError::Problem(p)) => {
+                status = p.status;
+                assert_eq!(p.code, 15009);
+                break;
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    assert_eq!(status, 404);
+    match api.join_code(&host_alloc.allocation_id) {
+        Err(ferry::client::ApiError::Problem(p)) => assert_eq!((p.status, p.code), (404, 15008)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unbound_allocation_expires_and_its_code_dies() {
+    let srv = Server::start(|c| c.unbound_timeout = Duration::from_millis(300));
+    let api = srv.api();
+    let a = api.allocate(2, None).unwrap();
+    let code = api.join_code(&a.allocation_id).unwrap();
+    std::thread::sleep(Duration::from_millis(900));
+    let raw = Raw::new(&a);
+    assert_eq!(raw.bind(0), error(&raw.id, ErrorCode::AllocationNotFound));
+    assert!(matches!(api.join(&code), Err(ferry::client::ApiError::Problem(p)) if p.code == 15009));
+    assert_eq!(srv.metric("ferry_allocations_released_total{reason=\"timed_out\"}"), 1);
+}
+
+#[test]
+fn sdk_round_trip_with_keepalive_and_rebind() {
+    let srv = Server::start(|c| c.idle_timeout = Duration::from_secs(2));
+    let api = srv.api();
+    let host_alloc = api.allocate(2, None).unwrap();
+    let code = api.join_code(&host_alloc.allocation_id).unwrap();
+    let opts = ferry::client::ClientOptions {
+        ping_interval: Duration::from_millis(200),
+        bind_retry: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let mut host = RelayClient::new(&host_alloc).unwrap().with_options(opts.clone());
+    host.bind().unwrap();
+    let join = api.join(&code).unwrap();
+    let mut peer = RelayClient::new(&join.allocation).unwrap().with_options(opts.clone());
+    peer.bind().unwrap();
+    let host_id = peer.connect_b64(&join.host_connection_data).unwrap();
+    assert_eq!(host_id, host.id());
+    // Three seconds of keep-alive only, past the 2 s idle timeout: PINGs keep both alive.
+    let t = std::thread::spawn(move || {
+        let _ = host.recv_relay(Duration::from_secs(3));
+        host
+    });
+    let _ = peer.recv_relay(Duration::from_secs(3));
+    let mut host = t.join().unwrap();
+    peer.send(&host_id, b"still here").unwrap();
+    let (from, msg) = host.recv_relay(Duration::from_secs(3)).unwrap().unwrap();
+    assert_eq!((from, msg.as_slice()), (peer.id(), &b"still here"[..]));
+
+    // NAT rebinding: the peer's traffic now leaves from a new port. The relay answers ERROR 3,
+    // the SDK re-BINDs with a higher nonce, and the binding moves; the old port gets nothing.
+    let old = peer.local_addr().unwrap();
+    peer.migrate_socket().unwrap();
+    assert_ne!(peer.local_addr().unwrap().port(), old.port());
+    peer.send(&host_id, b"lost: bound elsewhere").unwrap();
+    let _ = peer.recv_relay(Duration::from_millis(500));
+    peer.send(&host_id, b"moved").unwrap();
+    let (_, msg) = host.recv_relay(Duration::from_secs(3)).unwrap().unwrap();
+    assert_eq!(msg, b"moved");
+    host.send(&peer.id(), b"to new address").unwrap();
+    assert_eq!(peer.recv_relay(Duration::from_secs(3)).unwrap().unwrap().1, b"to new address");
+    assert_eq!(srv.metric("ferry_binds_total{result=\"moved\"}"), 1);
+}
+
+#[test]
+fn hundred_concurrent_sessions() {
+    let srv = Server::start(|c| c.api_rate_limit = 100_000);
+    let url = srv.api_url();
+    let threads: Vec<_> = (0..100)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let api = ferry::client::ApiClient::new(url);
+                let h = api.allocate(1, None).map_err(|e| e.to_string())?;
+                let code = api.join_code(&h.allocation_id).map_err(|e| e.to_string())?;
+                let j = api.join(&code).map_err(|e| e.to_string())?;
+                let mut host = RelayClient::new(&h).map_err(|e| e.to_string())?;
+                let mut peer = RelayClient::new(&j.allocation).map_err(|e| e.to_string())?;
+                host.bind().map_err(|e| e.to_string())?;
+                peer.bind().map_err(|e| e.to_string())?;
+                let hid = peer.connect_b64(&j.host_connection_data).map_err(|e| e.to_string())?;
+                let msg = format!("session {i}");
+                peer.send(&hid, msg.as_bytes()).map_err(|e| e.to_string())?;
+                let (_, got) =
+                    host.recv_relay(Duration::from_secs(5)).map_err(|e| e.to_string())?.ok_or("no relay")?;
+                if got != msg.as_bytes() {
+                    return Err(format!("session {i} got {got:?}"));
+                }
+                host.close().map_err(|e| e.to_string())?;
+                Ok(())
+            })
+        })
+        .collect();
+    let failures: Vec<String> = threads.into_iter().filter_map(|t| t.join().unwrap().err()).collect();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(srv.metric("ferry_allocations_total"), 200);
+}
+
+#[test]
+fn control_socket_unix_and_tcp() {
+    let dir = std::env::temp_dir().join(format!("ferry-ctl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("control.sock");
+    let p2 = path.clone();
+    let srv = Server::start(move |c| {
+        c.control_socket = Some(p2);
+        c.control_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.control_secret = Some("a-long-enough-secret".into());
+    });
+    let mut ctl = ControlClient::connect_unix(&path).unwrap();
+    let host = ctl.create_host(2).unwrap();
+    assert_eq!(host.port, srv.relay_addr().port());
+    let joiner = ctl.create_joiner(&host.id).unwrap();
+    // The allocations work on the relay.
+    let relay = srv.relay_addr();
+    let mut h =
+        RelayClient::from_parts(relay, host.id, host.key.clone(), host.connection_data.clone()).unwrap();
+    let mut j = RelayClient::from_parts(relay, joiner.id, joiner.key.clone(), joiner.connection_data.clone())
+        .unwrap();
+    h.bind().unwrap();
+    j.bind().unwrap();
+    assert_eq!(j.connect(&host.connection_data).unwrap(), host.id);
+    j.send(&host.id, b"via control socket").unwrap();
+    assert_eq!(h.recv_relay(Duration::from_secs(3)).unwrap().unwrap().1, b"via control socket");
+    assert!(ctl.stats().unwrap().contains("ferry_allocations_active{shard=\"0\"} 2"));
+    assert!(matches!(
+        ctl.create_host(0),
+        Err(ferry::control::socket::ClientError::Refused(Status::MaxConnectionsOutOfRange))
+    ));
+    ctl.release(&host.id).unwrap();
+    assert!(matches!(
+        ctl.release(&host.id),
+        Err(ferry::control::socket::ClientError::Refused(Status::NotFound))
+    ));
+    assert!(matches!(
+        ctl.create_joiner(&host.id),
+        Err(ferry::control::socket::ClientError::Refused(Status::HostNotFound))
+    ));
+
+    let tcp = srv.running().control_addr.unwrap();
+    let mut t = ControlClient::connect_tcp(tcp, "a-long-enough-secret").unwrap();
+    assert!(t.create_host(1).is_ok());
+    assert!(ControlClient::connect_tcp(tcp, "the-wrong-secret-here").is_err(), "wrong secret refused");
+    drop(srv);
+    std::fs::remove_dir_all(dir).ok();
+}

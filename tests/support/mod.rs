@@ -1,0 +1,157 @@
+//! A real `ferry serve` on loopback ports, in-process, plus a raw UTP-shaped UDP client.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ferry::auth::AllocationKey;
+use ferry::client::api::Allocation;
+use ferry::client::packets;
+use ferry::config::Config;
+use ferry::serve::Running;
+use ferry::wire::{AllocationId, ErrorCode, ErrorMsg};
+
+pub struct Server {
+    pub rt: tokio::runtime::Runtime,
+    pub running: Option<Running>,
+}
+
+impl Server {
+    pub fn start(tweak: impl FnOnce(&mut Config)) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let mut cfg = Config::defaults();
+        cfg.api_listen = "127.0.0.1:0".parse().unwrap();
+        cfg.relay_listen = "127.0.0.1:0".parse().unwrap();
+        tweak(&mut cfg);
+        let cfg = cfg.validate().unwrap();
+        let running = rt.block_on(Running::start(cfg)).unwrap();
+        Self { rt, running: Some(running) }
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.running().api_addr)
+    }
+
+    pub fn api(&self) -> ferry::client::ApiClient {
+        ferry::client::ApiClient::new(self.api_url())
+    }
+
+    pub fn relay_addr(&self) -> SocketAddr {
+        self.running().relay_addr
+    }
+
+    pub fn metrics(&self) -> String {
+        let r = self.api().raw("GET", "/metrics", None).unwrap();
+        String::from_utf8(r.body).unwrap()
+    }
+
+    /// The value of one sample line of /metrics (0 when absent).
+    pub fn metric(&self, line_prefix: &str) -> u64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            self.rt.block_on(r.shutdown());
+        }
+    }
+}
+
+/// A client that sends datagrams exactly as Unity Transport builds them.
+pub struct Raw {
+    pub sock: UdpSocket,
+    pub relay: SocketAddr,
+    pub id: AllocationId,
+    pub key: AllocationKey,
+    pub conn: Vec<u8>,
+}
+
+impl Raw {
+    pub fn new(a: &Allocation) -> Self {
+        let ep = &a.server_endpoints[0];
+        let relay: SocketAddr = format!("{}:{}", ep.host, ep.port).parse().unwrap();
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        Self {
+            sock,
+            relay,
+            id: AllocationId(B64.decode(&a.allocation_id_bytes).unwrap().try_into().unwrap()),
+            key: AllocationKey(B64.decode(&a.key).unwrap().try_into().unwrap()),
+            conn: B64.decode(&a.connection_data).unwrap(),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+
+    pub fn send(&self, d: &[u8]) {
+        self.sock.send_to(d, self.relay).unwrap();
+    }
+
+    pub fn recv(&self) -> Vec<u8> {
+        let mut buf = [0u8; 2048];
+        let (n, from) = self.sock.recv_from(&mut buf).expect("a datagram from the relay");
+        assert_eq!(from, self.relay);
+        buf[..n].to_vec()
+    }
+
+    /// Asserts that nothing arrives within `ms`.
+    pub fn silent(&self, ms: u64) {
+        self.sock.set_read_timeout(Some(Duration::from_millis(ms))).unwrap();
+        let mut buf = [0u8; 2048];
+        let got = self.sock.recv_from(&mut buf);
+        self.sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        assert!(got.is_err(), "unexpected datagram {:02x?}", got.map(|(n, _)| buf[..n].to_vec()));
+    }
+
+    pub fn bind(&self, nonce: u16) -> Vec<u8> {
+        let d = packets::bind(&self.key, nonce, &self.conn);
+        assert_eq!(d.len(), 295, "UTP's BIND is 295 bytes");
+        self.send(&d);
+        self.recv()
+    }
+
+    pub fn connect(&self, host_conn: &[u8]) -> Vec<u8> {
+        let d = packets::connect_request(&self.id, host_conn);
+        assert_eq!(d.len(), 276, "UTP's CONNECT_REQUEST is 276 bytes");
+        self.send(&d);
+        self.recv()
+    }
+
+    pub fn relay_to(&self, to: &AllocationId, payload: &[u8]) {
+        self.send(&packets::relay(&self.id, to, payload).unwrap());
+    }
+}
+
+pub const BIND_RECEIVED: [u8; 4] = [0xDA, 0x72, 0x00, 0x01];
+
+pub fn error(id: &AllocationId, code: ErrorCode) -> Vec<u8> {
+    let mut out = [0u8; 21];
+    ErrorMsg::emit(&mut out, id, code);
+    out.to_vec()
+}
+
+pub fn pair(ty: u8, from: &AllocationId, to: &AllocationId) -> Vec<u8> {
+    let mut v = vec![0xDA, 0x72, 0, ty];
+    v.extend_from_slice(&from.0);
+    v.extend_from_slice(&to.0);
+    v
+}
+
+pub fn b64(s: &str) -> Vec<u8> {
+    B64.decode(s).unwrap()
+}
