@@ -310,3 +310,38 @@ fn control_socket_unix_and_tcp() {
     drop(srv);
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn sessions_spread_over_several_shards() {
+    let srv = Server::start(|c| {
+        c.shards = 3;
+        c.api_rate_limit = 100_000;
+    });
+    let api = srv.api();
+    let mut sessions = Vec::new();
+    for _ in 0..12 {
+        let h = api.allocate(2, None).unwrap();
+        let code = api.join_code(&h.allocation_id).unwrap();
+        let j = api.join(&code).unwrap();
+        let host = Raw::new(&h);
+        let peer = Raw::new(&j.allocation);
+        assert_eq!(ferry::core::owner_shard(&host.id, 3), ferry::core::owner_shard(&peer.id, 3), "joiner on host's shard");
+        assert_eq!(host.bind(0), BIND_RECEIVED);
+        assert_eq!(peer.bind(0), BIND_RECEIVED);
+        assert_eq!(peer.connect(&host.conn), pair(6, &host.id, &peer.id));
+        sessions.push((host, peer));
+    }
+    let shards: std::collections::HashSet<u32> =
+        sessions.iter().map(|(h, _)| ferry::core::owner_shard(&h.id, 3)).collect();
+    assert_eq!(shards.len(), 3, "round-robin placement uses every shard");
+    for (host, peer) in &sessions {
+        peer.relay_to(&host.id, b"ping");
+        assert_eq!(host.recv(), packets::relay(&peer.id, &host.id, b"ping").unwrap());
+        host.relay_to(&peer.id, b"pong");
+        assert_eq!(peer.recv(), packets::relay(&host.id, &peer.id, b"pong").unwrap());
+    }
+    // Without a steering program the kernel spreads by 4-tuple, so some datagrams arrived on a
+    // shard that does not own their session and were handed to the owner.
+    let handed: u64 = (0..3).map(|s| srv.metric(&format!("ferry_io_total{{shard=\"{s}\",kind=\"handoff_in\"}}"))).sum();
+    assert!(handed > 0, "expected some hand-offs between shards");
+}
