@@ -325,7 +325,11 @@ fn sessions_spread_over_several_shards() {
         let j = api.join(&code).unwrap();
         let host = Raw::new(&h);
         let peer = Raw::new(&j.allocation);
-        assert_eq!(ferry::core::owner_shard(&host.id, 3), ferry::core::owner_shard(&peer.id, 3), "joiner on host's shard");
+        assert_eq!(
+            ferry::core::owner_shard(&host.id, 3),
+            ferry::core::owner_shard(&peer.id, 3),
+            "joiner on host's shard"
+        );
         assert_eq!(host.bind(0), BIND_RECEIVED);
         assert_eq!(peer.bind(0), BIND_RECEIVED);
         assert_eq!(peer.connect(&host.conn), pair(6, &host.id, &peer.id));
@@ -342,6 +346,7 @@ fn sessions_spread_over_several_shards() {
     }
     // Without a steering program the kernel spreads by 4-tuple, so some datagrams arrived on a
     // shard that does not own their session and were handed to the owner.
-    let handed: u64 = (0..3).map(|s| srv.metric(&format!("ferry_io_total{{shard=\"{s}\",kind=\"handoff_in\"}}"))).sum();
+    let handed: u64 =
+        (0..3).map(|s| srv.metric(&format!("ferry_io_total{{shard=\"{s}\",kind=\"handoff_in\"}}"))).sum();
     assert!(handed > 0, "expected some hand-offs between shards");
 }
