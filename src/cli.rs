@@ -138,6 +138,12 @@ pub struct ServeArgs {
     /// How long SIGTERM lets live sessions run before exiting [default: 30s].
     #[arg(long, env = "FERRY_DRAIN_TIMEOUT", value_parser = duration_arg)]
     pub drain_timeout: Option<Duration>,
+    /// Source prefixes that may never bind, comma separated (env) or repeated (flag).
+    #[arg(long = "deny-source", env = "FERRY_DENY_SOURCES", value_delimiter = ',')]
+    pub deny_sources: Option<Vec<crate::core::Cidr>>,
+    /// Bytes relayed to a new binding before its client sends anything but BINDs [default: 32768].
+    #[arg(long, env = "FERRY_UNCONFIRMED_BUDGET")]
+    pub unconfirmed_budget: Option<u32>,
 }
 
 /// A duration in the TOML file: `"10s"`, `"250ms"`, or a number of seconds.
@@ -175,6 +181,8 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     relay_secret: Option<String>,
     drain_timeout: Option<FileDuration>,
+    deny_sources: Option<Vec<String>>,
+    unconfirmed_budget: Option<u32>,
 }
 
 fn file_duration(key: &str, d: Option<FileDuration>) -> Result<Option<Duration>, ConfigError> {
@@ -235,8 +243,18 @@ impl ServeArgs {
             api_rate_limit,
             join_failures_per_ip_per_min,
             join_failures_global_per_sec,
-            log_format
+            log_format,
+            unconfirmed_budget
         );
+        if let Some(v) = self.deny_sources {
+            c.deny_sources = v;
+        } else if let Some(v) = file.deny_sources {
+            c.deny_sources = v
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<_, _>>()
+                .map_err(|m: String| err("deny_sources", m))?;
+        }
         macro_rules! merge_dur {
             ($($f:ident),*) => { $(
                 if let Some(v) = self.$f.or(file_duration(stringify!($f), file.$f)?) { c.$f = v; }

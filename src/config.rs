@@ -57,6 +57,10 @@ pub struct Config {
     pub relay_secret: [u8; 64],
     /// How long SIGTERM waits for live sessions before exiting.
     pub drain_timeout: Duration,
+    /// Source prefixes that may never bind (on top of the built-in rules).
+    pub deny_sources: Vec<crate::core::Cidr>,
+    /// Bytes relayed to a freshly bound address before its client sends anything but BINDs.
+    pub unconfirmed_budget: u32,
 }
 
 /// A configuration error that names its key.
@@ -125,6 +129,8 @@ impl Config {
             log_format: LogFormat::Text,
             relay_secret: [0; 64],
             drain_timeout: Duration::from_secs(30),
+            deny_sources: Vec::new(),
+            unconfirmed_budget: 32 * 1024,
         }
     }
 
@@ -222,12 +228,20 @@ fn derive_advertise(relay: &SocketAddr, api: &SocketAddr) -> IpAddr {
 }
 
 fn first_interface_v4() -> Option<Ipv4Addr> {
+    interface_ips().into_iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified() => Some(v4),
+        _ => None,
+    })
+}
+
+/// The addresses of this machine's interfaces that are up (IPv4 and IPv6).
+pub fn interface_ips() -> Vec<IpAddr> {
     let mut ifs: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a linked list we free below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut ifs) } != 0 {
-        return None;
+        return Vec::new();
     }
-    let mut found = None;
+    let mut found = Vec::new();
     let mut cur = ifs;
     while !cur.is_null() {
         // SAFETY: `cur` is a node of the list returned by getifaddrs.
@@ -238,11 +252,11 @@ fn first_interface_v4() -> Option<Ipv4Addr> {
             if family == libc::AF_INET {
                 // SAFETY: AF_INET addresses are sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() {
-                    found = Some(ip);
-                    break;
-                }
+                found.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: AF_INET6 addresses are sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                found.push(IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
             }
         }
         cur = ifa.ifa_next;

@@ -14,7 +14,7 @@ use crate::control::api::{self, ApiLimits, ApiState};
 use crate::control::relay::RelayHandle;
 use crate::control::service::{AllocationService, ServiceConfig};
 use crate::control::socket::ControlServer;
-use crate::core::{CoreConfig, Rate};
+use crate::core::{AddressPolicy, CoreConfig, Rate};
 use crate::io::bind_udp;
 use crate::shard::{spawn_all, ShardSetup};
 
@@ -32,7 +32,18 @@ pub struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn core_config(cfg: &Config, shard: usize) -> CoreConfig {
+/// The relay's own socket addresses: every local address at the relay's port when it listens on
+/// an unspecified address.
+fn own_addrs(relay: SocketAddr) -> Vec<SocketAddr> {
+    if !relay.ip().is_unspecified() {
+        return vec![relay];
+    }
+    let mut ips = crate::config::interface_ips();
+    ips.extend(["127.0.0.1".parse::<std::net::IpAddr>().ok(), "::1".parse().ok()].into_iter().flatten());
+    ips.into_iter().map(|ip| SocketAddr::new(ip, relay.port())).collect()
+}
+
+fn core_config(cfg: &Config, shard: usize, relay: SocketAddr) -> CoreConfig {
     let ms = |d: Duration| d.as_millis() as u64;
     let mut c = CoreConfig::new(cfg.relay_secret);
     c.shard = shard as u32;
@@ -44,6 +55,8 @@ fn core_config(cfg: &Config, shard: usize) -> CoreConfig {
     c.host_alone_timeout = ms(cfg.host_alone_timeout);
     c.rebind_quiet = ms(cfg.rebind_quiet);
     c.error_rate_per_ip = Rate { per_sec: 20, burst: 40 };
+    c.policy = AddressPolicy::new(&own_addrs(relay), cfg.deny_sources.clone());
+    c.unconfirmed_budget = cfg.unconfirmed_budget;
     c
 }
 
@@ -76,7 +89,7 @@ impl Running {
             .map(|(i, socket)| ShardSetup {
                 index: i,
                 socket,
-                core: core_config(&cfg, i),
+                core: core_config(&cfg, i, relay_addr),
                 clock,
                 events: ev_tx.clone(),
             })

@@ -1,9 +1,9 @@
 //! Per-message rules of `spec/relay-protocol.md` §5. Order everywhere: cheap structural checks,
 //! then O(1) lookups, then crypto, and only then state changes.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
-use super::table::{Found, Role};
+use super::table::{Found, Role, CONFIRMED};
 use super::{Action, Core, DropReason, Event, ReleaseReason};
 use crate::auth::{self, ConnectionData};
 use crate::clock::Millis;
@@ -11,18 +11,6 @@ use crate::wire::{
     self, emit_bind_received, AllocationId, Bind, Close, ConnectRequest, Disconnect, ErrorCode, ErrorMsg,
     MessageType, Pair, Ping, Relay, WireError, MAX_DATAGRAM,
 };
-
-/// Sources the relay never answers or binds: port 0, unspecified, multicast, broadcast.
-#[inline]
-fn source_ok(src: &SocketAddr) -> bool {
-    if src.port() == 0 {
-        return false;
-    }
-    match src.ip() {
-        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
-        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
-    }
-}
 
 impl Core {
     /// Handles one datagram of `buf.len()` bytes from `src`.
@@ -32,7 +20,7 @@ impl Core {
         if buf.len() > MAX_DATAGRAM {
             return self.drop(DropReason::Oversize);
         }
-        if !source_ok(&src) {
+        if !self.cfg.policy.allows(&src) {
             return self.drop(DropReason::BadSource);
         }
         let action = match wire::parse_header(buf) {
@@ -85,6 +73,9 @@ impl Core {
             return Err(ErrorCode::BoundElsewhere);
         }
         s.last_seen = now;
+        if s.budget != CONFIRMED {
+            s.budget = CONFIRMED;
+        }
         Ok(i)
     }
 
@@ -152,10 +143,22 @@ impl Core {
             Err(code) => return self.error(now, src, buf, from, code),
         };
         match self.peer(now, &to) {
-            Some(t) if self.linked(f, t) => match self.table.slots[t as usize].bound {
-                Some(addr) => Action::Forward(addr),
-                None => self.error(now, src, buf, from, ErrorCode::NotConnected),
-            },
+            Some(t) if self.linked(f, t) => {
+                let len = buf.len() as u32;
+                let ts = &mut self.table.slots[t as usize];
+                match ts.bound {
+                    Some(_) if ts.budget != CONFIRMED && ts.budget < len => {
+                        Action::Drop(DropReason::Unconfirmed)
+                    }
+                    Some(addr) => {
+                        if ts.budget != CONFIRMED {
+                            ts.budget -= len;
+                        }
+                        Action::Forward(addr)
+                    }
+                    None => self.error(now, src, buf, from, ErrorCode::NotConnected),
+                }
+            }
             // The peer was a host that just expired and took this joiner with it.
             None if !self.is_live(&from) => self.error(now, src, buf, from, ErrorCode::AllocationNotFound),
             _ => self.error(now, src, buf, from, ErrorCode::NotConnected),
@@ -204,6 +207,7 @@ impl Core {
                 s.nonce = if moved { s.nonce.max(nonce) } else { nonce };
                 s.bound = Some(src);
                 s.last_seen = now;
+                s.budget = self.cfg.unconfirmed_budget;
                 if moved {
                     self.stats.binds_moved += 1;
                 } else {

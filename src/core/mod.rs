@@ -22,11 +22,13 @@
 mod control;
 mod handlers;
 mod limiter;
+mod policy;
 mod stats;
 mod table;
 
 pub use control::{Control, ControlError, ControlReply, Created, Entropy, Event};
 pub use limiter::Rate;
+pub use policy::{canonical_ip, AddressPolicy, Cidr};
 pub use stats::{DropReason, ReleaseReason, Stats};
 pub use table::owner_shard;
 
@@ -66,6 +68,11 @@ pub struct CoreConfig {
     pub limiter_buckets: usize,
     /// The relay secret under which connection data is minted and checked.
     pub conn_secret: [u8; 64],
+    /// Which sources may be answered and bound.
+    pub policy: AddressPolicy,
+    /// Bytes relayed to a newly bound address before its client has sent anything but BINDs
+    /// (bounds what a spoofed BIND can point at a third party).
+    pub unconfirmed_budget: u32,
 }
 
 impl CoreConfig {
@@ -84,6 +91,8 @@ impl CoreConfig {
             error_rate_global: Rate { per_sec: 20_000, burst: 20_000 },
             limiter_buckets: 4096,
             conn_secret,
+            policy: AddressPolicy::default(),
+            unconfirmed_budget: 32 * 1024,
         }
     }
 }

@@ -14,7 +14,8 @@ pub enum DropReason {
     BadField,
     /// A relay→client type (BIND_RECEIVED, ACCEPTED, REJECTED, ERROR) sent to the relay.
     UnexpectedType,
-    /// Source port 0, or an unspecified, multicast or broadcast source.
+    /// A source the address policy refuses (port 0, unspecified, multicast, broadcast, reserved,
+    /// the relay itself, or an operator-denied prefix).
     BadSource,
     /// BIND whose connection data is not Ferry's format.
     BadConnData,
@@ -30,10 +31,12 @@ pub enum DropReason {
     ReplyRateLimited,
     /// A reply withheld because it would be larger than the datagram that caused it.
     ReplyTooLarge,
+    /// Relayed traffic beyond the budget of an address that has only sent BINDs.
+    Unconfirmed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         Self::Oversize,
         Self::Short,
         Self::BadSignature,
@@ -50,6 +53,7 @@ impl DropReason {
         Self::NotLinked,
         Self::ReplyRateLimited,
         Self::ReplyTooLarge,
+        Self::Unconfirmed,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -71,6 +75,7 @@ impl DropReason {
             Self::NotLinked => "not_linked",
             Self::ReplyRateLimited => "reply_rate_limited",
             Self::ReplyTooLarge => "reply_too_large",
+            Self::Unconfirmed => "unconfirmed_destination",
         }
     }
 }

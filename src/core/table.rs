@@ -43,7 +43,12 @@ pub(crate) struct Slot {
     pub nonce: u16,
     pub state: SlotState,
     pub next_free: u32,
+    /// Bytes that may still be relayed to `bound` before its client speaks; [`CONFIRMED`] once it has.
+    pub budget: u32,
 }
+
+/// `Slot::budget` of an address that has sent something other than a BIND.
+pub(crate) const CONFIRMED: u32 = u32::MAX;
 
 pub(crate) enum Found {
     Live(u32),
@@ -134,6 +139,7 @@ impl Table {
                 nonce: 0,
                 state: SlotState::Vacant,
                 next_free: NIL,
+                budget: 0,
             });
             self.keys.push(key);
             (self.slots.len() - 1) as u32
@@ -155,6 +161,7 @@ impl Table {
             nonce: 0,
             state: SlotState::Live,
             next_free: NIL,
+            budget: 0,
         };
         self.keys[idx as usize] = key;
         self.live += 1;
