@@ -144,6 +144,15 @@ pub struct ServeArgs {
     /// Bytes relayed to a new binding before its client sends anything but BINDs [default: 32768].
     #[arg(long, env = "FERRY_UNCONFIRMED_BUDGET")]
     pub unconfirmed_budget: Option<u32>,
+    /// Most API connections open at once [default: 1024].
+    #[arg(long, env = "FERRY_API_MAX_CONNECTIONS")]
+    pub api_max_connections: Option<usize>,
+    /// Time an API client has to send each request's headers [default: 5s].
+    #[arg(long, env = "FERRY_API_HEADER_TIMEOUT", value_parser = duration_arg)]
+    pub api_header_timeout: Option<Duration>,
+    /// Time an API client has to send a request body [default: 10s].
+    #[arg(long, env = "FERRY_API_BODY_TIMEOUT", value_parser = duration_arg)]
+    pub api_body_timeout: Option<Duration>,
 }
 
 /// A duration in the TOML file: `"10s"`, `"250ms"`, or a number of seconds.
@@ -183,6 +192,9 @@ struct FileConfig {
     drain_timeout: Option<FileDuration>,
     deny_sources: Option<Vec<String>>,
     unconfirmed_budget: Option<u32>,
+    api_max_connections: Option<usize>,
+    api_header_timeout: Option<FileDuration>,
+    api_body_timeout: Option<FileDuration>,
 }
 
 fn file_duration(key: &str, d: Option<FileDuration>) -> Result<Option<Duration>, ConfigError> {
@@ -244,7 +256,8 @@ impl ServeArgs {
             join_failures_per_ip_per_min,
             join_failures_global_per_sec,
             log_format,
-            unconfirmed_budget
+            unconfirmed_budget,
+            api_max_connections
         );
         if let Some(v) = self.deny_sources {
             c.deny_sources = v;
@@ -260,7 +273,15 @@ impl ServeArgs {
                 if let Some(v) = self.$f.or(file_duration(stringify!($f), file.$f)?) { c.$f = v; }
             )* };
         }
-        merge_dur!(unbound_timeout, idle_timeout, host_alone_timeout, rebind_quiet, drain_timeout);
+        merge_dur!(
+            unbound_timeout,
+            idle_timeout,
+            host_alone_timeout,
+            rebind_quiet,
+            drain_timeout,
+            api_header_timeout,
+            api_body_timeout
+        );
         c.control_socket = self.control_socket.or(file.control_socket);
         c.control_listen = self.control_listen.or(file.control_listen);
         c.control_secret = self.control_secret.or(file.control_secret);

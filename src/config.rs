@@ -61,6 +61,12 @@ pub struct Config {
     pub deny_sources: Vec<crate::core::Cidr>,
     /// Bytes relayed to a freshly bound address before its client sends anything but BINDs.
     pub unconfirmed_budget: u32,
+    /// Most API connections open at once.
+    pub api_max_connections: usize,
+    /// An API connection must deliver each request's headers within this long.
+    pub api_header_timeout: Duration,
+    /// An API request body must arrive within this long.
+    pub api_body_timeout: Duration,
 }
 
 /// A configuration error that names its key.
@@ -131,6 +137,9 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             deny_sources: Vec::new(),
             unconfirmed_budget: 32 * 1024,
+            api_max_connections: 1024,
+            api_header_timeout: Duration::from_secs(5),
+            api_body_timeout: Duration::from_secs(10),
         }
     }
 
@@ -156,6 +165,12 @@ impl Config {
             if d < Duration::from_millis(10) {
                 return Err(err(key, "must be at least 10ms"));
             }
+        }
+        if self.api_max_connections == 0 {
+            return Err(err("api_max_connections", "must be at least 1"));
+        }
+        if self.api_header_timeout < Duration::from_millis(10) {
+            return Err(err("api_header_timeout", "must be at least 10ms"));
         }
         if self.api_rate_limit == 0 {
             return Err(err("api_rate_limit", "must be at least 1"));

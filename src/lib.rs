@@ -17,6 +17,8 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;
+#[doc(hidden)]
+pub mod harness;
 pub mod io;
 pub mod metrics;
 pub mod serve;

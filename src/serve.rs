@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::control::api::{self, ApiLimits, ApiState};
+use crate::control::http::HttpLimits;
 use crate::control::relay::RelayHandle;
 use crate::control::service::{AllocationService, ServiceConfig};
 use crate::control::socket::ControlServer;
@@ -152,21 +153,20 @@ impl Running {
             requests_per_sec: cfg.api_rate_limit,
             join_failures_per_ip_per_min: cfg.join_failures_per_ip_per_min,
             join_failures_global_per_sec: cfg.join_failures_global_per_sec,
+            body_timeout: cfg.api_body_timeout,
         };
         let state = ApiState::new(service.clone(), limits, clock);
         let listener = tokio::net::TcpListener::bind(cfg.api_listen)
             .await
             .map_err(|e| with_context(e, "cannot bind api_listen", cfg.api_listen))?;
         let api_addr = listener.local_addr()?;
-        let (stop_api, mut stop_rx) = watch::channel(false);
-        let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let api_task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_rx.wait_for(|s| *s).await;
-                })
-                .await
-        });
+        let (stop_api, stop_rx) = watch::channel(false);
+        let app = api::router(state.clone());
+        let http_limits =
+            HttpLimits { max_connections: cfg.api_max_connections, header_timeout: cfg.api_header_timeout };
+        let http_stats = state.http.clone();
+        let api_task =
+            tokio::spawn(crate::control::http::serve(listener, app, http_limits, http_stats, stop_rx));
         tracing::info!(
             api = %api_addr,
             relay = %relay_addr,

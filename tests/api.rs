@@ -183,3 +183,143 @@ fn health_readiness_metrics_and_drain() {
     let raw = Raw::new(&a);
     assert_eq!(raw.bind(0), BIND_RECEIVED);
 }
+
+mod slow_clients {
+    use super::support::Server;
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    /// A TCP connection to the API from a chosen loopback source address.
+    fn connect_from(src: &str, api: SocketAddr) -> TcpStream {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&format!("{src}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
+        s.connect(&api.into()).unwrap();
+        let s: TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    /// Reads until the server closes; true if it did (EOF or reset) before the read timeout.
+    fn closed_by_server(s: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+
+    fn status_of(src: &str, api: SocketAddr, req: &str) -> u16 {
+        let mut s = connect_from(src, api);
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    }
+
+    fn post(path: &str, body: &str, token: Option<&str>) -> String {
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn idle_and_slow_header_connections_are_closed() {
+        let srv = Server::start(|c| c.api_header_timeout = Duration::from_millis(300));
+        let api = srv.running().api_addr;
+        let mut idle = connect_from("127.0.0.1", api);
+        assert!(closed_by_server(&mut idle), "a silent connection is closed");
+        let mut slow = connect_from("127.0.0.1", api);
+        slow.write_all(b"POST /v1/allocate HTTP/1.1\r\n").unwrap();
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(100));
+            if slow.write_all(b"X").is_err() {
+                break;
+            }
+        }
+        assert!(closed_by_server(&mut slow), "a slow-loris connection is closed");
+        assert!(srv.api().regions().is_ok(), "and the API still answers");
+    }
+
+    #[test]
+    fn connection_cap_refuses_extra_connections() {
+        let srv = Server::start(|c| {
+            c.api_max_connections = 3;
+            c.api_header_timeout = Duration::from_secs(30);
+        });
+        let api = srv.running().api_addr;
+        let held: Vec<TcpStream> = (0..3).map(|_| connect_from("127.0.0.1", api)).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut extra = connect_from("127.0.0.1", api);
+        assert!(closed_by_server(&mut extra), "the fourth connection is closed on accept");
+        assert!(srv.running().state.http.refused.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        drop(held);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(srv.api().regions().is_ok(), "room again once they close");
+    }
+
+    #[test]
+    fn slow_body_gets_408() {
+        let srv = Server::start(|c| c.api_body_timeout = Duration::from_millis(300));
+        let api = srv.running().api_addr;
+        let mut s = connect_from("127.0.0.1", api);
+        s.write_all(b"POST /v1/allocate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"max").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+        assert!(out.contains("application/problem+json"));
+    }
+
+    #[test]
+    fn per_token_rate_limit_across_addresses() {
+        let token = "shared-token-0123456789";
+        let srv = Server::start(|c| {
+            c.api_tokens = vec![token.into()];
+            c.api_rate_limit = 2;
+        });
+        let api = srv.running().api_addr;
+        let statuses: Vec<u16> = (2..20)
+            .map(|i| {
+                status_of(
+                    &format!("127.0.0.{i}"),
+                    api,
+                    &post("/v1/allocate", r#"{"maxConnections": 1}"#, Some(token)),
+                )
+            })
+            .collect();
+        assert_eq!(
+            statuses.iter().filter(|&&s| s == 201).count(),
+            4,
+            "burst of twice the rate: {statuses:?}"
+        );
+        assert!(statuses.iter().skip(4).all(|&s| s == 429), "{statuses:?}");
+    }
+
+    #[test]
+    fn failed_joins_are_limited_globally() {
+        let srv = Server::start(|c| c.join_failures_global_per_sec = 3);
+        let api = srv.running().api_addr;
+        let statuses: Vec<u16> = (2..12)
+            .map(|i| {
+                status_of(
+                    &format!("127.0.0.{i}"),
+                    api,
+                    &post("/v1/join", r#"{"joinCode": "6789BCDF"}"#, None),
+                )
+            })
+            .collect();
+        assert_eq!(&statuses[..3], &[404, 404, 404], "{statuses:?}");
+        assert!(statuses[3..].iter().all(|&s| s == 429), "{statuses:?}");
+    }
+}

@@ -45,6 +45,8 @@ pub struct ApiLimits {
     pub requests_per_sec: u32,
     pub join_failures_per_ip_per_min: u32,
     pub join_failures_global_per_sec: u32,
+    /// A request body must arrive completely within this long.
+    pub body_timeout: std::time::Duration,
 }
 
 struct Limiters {
@@ -58,6 +60,7 @@ struct Limiters {
 pub struct ApiState {
     pub service: Arc<AllocationService>,
     pub metrics: Arc<ApiMetrics>,
+    pub http: Arc<super::http::HttpStats>,
     limits: Arc<ApiLimits>,
     limiters: Arc<Mutex<Limiters>>,
     clock: Clock,
@@ -85,6 +88,7 @@ impl ApiState {
         Self {
             service,
             metrics: Arc::new(ApiMetrics::default()),
+            http: Arc::new(super::http::HttpStats::default()),
             limits: Arc::new(limits),
             limiters: Arc::new(Mutex::new(limiters)),
             clock,
@@ -144,11 +148,23 @@ fn ok<T: Serialize>(status: StatusCode, data: T) -> Response {
     r
 }
 
-/// Reads and parses a JSON body with a size cap, answering every failure with a 400 problem.
-async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, Response> {
-    let bytes = to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| invalid(format!("request body is larger than {MAX_BODY} bytes or could not be read")))?;
+/// Reads and parses a JSON body with a size cap and a deadline, answering every failure with a
+/// 4xx problem.
+async fn json_body<T: DeserializeOwned>(st: &ApiState, body: Body) -> Result<T, Response> {
+    let bytes = match tokio::time::timeout(st.limits.body_timeout, to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            return Err(invalid(format!("request body is larger than {MAX_BODY} bytes or could not be read")))
+        }
+        Err(_) => {
+            return Err(problem(
+                StatusCode::REQUEST_TIMEOUT,
+                15001,
+                "Request Timeout",
+                "request body arrived too slowly",
+            ))
+        }
+    };
     if bytes.is_empty() {
         return Err(invalid("request body is empty; expected a JSON object"));
     }
@@ -156,7 +172,7 @@ async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, Response> {
 }
 
 async fn allocate(State(st): State<ApiState>, body: Body) -> Response {
-    let req: AllocateRequest = match json_body(body).await {
+    let req: AllocateRequest = match json_body(&st, body).await {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -167,7 +183,7 @@ async fn allocate(State(st): State<ApiState>, body: Body) -> Response {
 }
 
 async fn joincode(State(st): State<ApiState>, body: Body) -> Response {
-    let req: JoinCodeRequest = match json_body(body).await {
+    let req: JoinCodeRequest = match json_body(&st, body).await {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -185,7 +201,7 @@ async fn join(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Body,
 ) -> Response {
-    let req: JoinRequest = match json_body(body).await {
+    let req: JoinRequest = match json_body(&st, body).await {
         Ok(r) => r,
         Err(r) => return r,
     };

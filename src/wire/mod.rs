@@ -120,9 +120,10 @@ impl std::error::Error for WireError {}
 pub struct AllocationId(pub [u8; 16]);
 
 impl AllocationId {
-    /// Reads the ID at `off`; the caller has checked `off + 16 <= b.len()`.
+    /// Reads the ID at `off`. Panics unless `off + 16 <= b.len()`; views call it only after
+    /// their length check.
     #[inline]
-    pub(crate) fn read(b: &[u8], off: usize) -> Self {
+    pub fn read(b: &[u8], off: usize) -> Self {
         let mut id = [0u8; 16];
         id.copy_from_slice(&b[off..off + ID_LEN]);
         Self(id)

@@ -1,0 +1,284 @@
+//! Bodies shared by the fuzz targets (`fuzz/`) and the property tests: each takes arbitrary
+//! bytes, drives a parser or the core, and panics if an invariant breaks.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use crate::client::packets;
+use crate::control::{joincode, model};
+use crate::core::{Action, Control, ControlReply, Core, CoreConfig, Created, Entropy, Event};
+use crate::wire::{self, AllocationId, Bind, Close, ConnectRequest, ErrorMsg, MessageType, Ping, Relay};
+
+/// The key every fuzzed allocation uses, so mutated BINDs can still verify.
+pub const TEST_KEY: [u8; 64] = [0x42; 64];
+const SECRET: [u8; 64] = [0x24; 64];
+
+/// Every view over arbitrary bytes: no panic, and what parses re-emits to the same bytes.
+pub fn wire_views(data: &[u8]) {
+    let _ = wire::parse_header(data);
+    if let Ok(r) = Relay::new_checked(data) {
+        let mut out = vec![0u8; data.len()];
+        let n = Relay::emit(&mut out, &r.from(), &r.to(), r.payload()).expect("relay re-emits");
+        assert_eq!(&out[..n], data);
+    }
+    if let Ok(b) = Bind::new_checked(data) {
+        let mut out = vec![0u8; data.len()];
+        let n = Bind::emit_unsigned(&mut out, b.nonce(), b.connection_data()).expect("bind re-emits");
+        assert_eq!(&out[..n], b.signed_part());
+        assert_eq!(b.mac().len(), 32);
+    }
+    if let Ok(p) = Ping::new_checked(data) {
+        let mut out = [0u8; 22];
+        Ping::emit(&mut out, &p.sender(), p.sequence());
+        assert_eq!(&out[..], data);
+    }
+    if let Ok(c) = ConnectRequest::new_checked(data) {
+        let mut out = vec![0u8; data.len()];
+        ConnectRequest::emit(&mut out, &c.requester(), c.target_connection_data()).expect("re-emits");
+        assert_eq!(out, data);
+    }
+    if let Ok(c) = Close::new_checked(data) {
+        let mut out = [0u8; 20];
+        Close::emit(&mut out, &c.sender());
+        assert_eq!(&out[..], data);
+    }
+    if let Ok(e) = ErrorMsg::new_checked(data) {
+        let mut out = [0u8; 21];
+        ErrorMsg::emit(&mut out, &e.allocation_id(), e.code());
+        assert_eq!(&out[..], data);
+    }
+    for ok in [
+        wire::Accepted::new_checked(data).map(|p| (p.from(), p.to())).ok(),
+        wire::Rejected::new_checked(data).map(|p| (p.from(), p.to())).ok(),
+        wire::Disconnect::new_checked(data).map(|p| (p.from(), p.to())).ok(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        assert_eq!(&data[4..20], &ok.0 .0);
+    }
+    let _ = crate::auth::ConnectionData::parse(data);
+}
+
+/// API request bodies and join-code normalisation: no panic; normalised codes are canonical.
+pub fn api_bodies(data: &[u8]) {
+    let _ = serde_json::from_slice::<model::AllocateRequest>(data);
+    let _ = serde_json::from_slice::<model::JoinCodeRequest>(data);
+    let _ = serde_json::from_slice::<model::JoinRequest>(data);
+    if let Ok(s) = std::str::from_utf8(data) {
+        if let Some(c) = joincode::normalize(s) {
+            assert_eq!(joincode::normalize(&c).as_deref(), Some(c.as_str()));
+            assert!(c.bytes().all(|b| joincode::ALPHABET.contains(&b)));
+        }
+        if let Some(id) = AllocationId::parse(s) {
+            assert_eq!(AllocationId::parse(&id.to_string()), Some(id));
+        }
+    }
+}
+
+/// A tiny cursor over fuzz bytes.
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn u8(&mut self) -> Option<u8> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(b)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes([self.u8()?, self.u8()?]))
+    }
+    fn take(&mut self, n: usize) -> &[u8] {
+        let n = n.min(self.0.len());
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        a
+    }
+}
+
+fn src(n: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, (n >> 4) & 3, 1 + (n & 15)], 10_000 + (n & 7) as u16))
+}
+
+/// A BIND signed with the test key from fuzz-chosen nonce, connection-data edits and trailing
+/// corruption: exercises everything after authentication.
+pub fn bind_with_test_key(data: &[u8]) {
+    let mut cfg = CoreConfig::new(SECRET);
+    cfg.max_allocations = 8;
+    let mut core = Core::new(cfg, 0);
+    let Ok(host) = core.create_host(0, 2, Entropy { id: [7; 16], key: TEST_KEY }) else { return };
+    let mut b = Bytes(data);
+    let mut now = 0u64;
+    while let (Some(nonce), Some(edit), Some(from)) = (b.u16(), b.u8(), b.u8()) {
+        let mut conn = host.connection_data;
+        if edit & 1 == 1 {
+            let at = b.u8().unwrap_or(0) as usize % conn.len();
+            conn[at] ^= b.u8().unwrap_or(1);
+        }
+        let mut d = packets::bind(&crate::auth::AllocationKey(TEST_KEY), nonce, &conn);
+        if edit & 2 == 2 {
+            let cut = b.u8().unwrap_or(0) as usize;
+            d.truncate(d.len().saturating_sub(cut % 8));
+        }
+        now += (edit >> 4) as u64 * 700;
+        let len = d.len();
+        match core.handle_datagram(now, src(from), &mut d) {
+            Action::Reply(n) => assert!(n <= len),
+            Action::Forward(_) => panic!("a BIND is never forwarded"),
+            Action::Consumed | Action::Drop(_) => {}
+        }
+        if let Some(a) = core.bound_addr(&host.id) {
+            assert!(a.port() >= 10_000);
+        }
+    }
+}
+
+/// Arbitrary sequences of datagrams, time steps and control commands against one core, with the
+/// relay's safety invariants checked after every step against a model built from its events.
+pub fn core_sequence(data: &[u8]) {
+    const CAP: u32 = 24;
+    let mut cfg = CoreConfig::new(SECRET);
+    cfg.max_allocations = CAP;
+    cfg.max_connections_cap = 3;
+    cfg.unbound_timeout = 3_000;
+    cfg.idle_timeout = 1_000;
+    cfg.host_alone_timeout = 3_000;
+    cfg.rebind_quiet = 500;
+    let mut core = Core::new(cfg, 0);
+    let mut allocs: Vec<Created> = Vec::new();
+    let mut links: HashSet<(AllocationId, AllocationId)> = HashSet::new();
+    let mut ever_bound: HashSet<SocketAddr> = HashSet::new();
+    let mut now = 0u64;
+    let mut seed = 0u8;
+    let mut b = Bytes(data);
+    let pick = |allocs: &[Created], i: u8| allocs.get(i as usize % allocs.len().max(1)).cloned();
+
+    while let Some(op) = b.u8() {
+        let arg = b.u8().unwrap_or(0);
+        let from = src(b.u8().unwrap_or(0));
+        seed = seed.wrapping_add(1);
+        let entropy = Entropy { id: [seed; 16], key: TEST_KEY };
+        let mut datagram: Option<Vec<u8>> = None;
+        match op % 12 {
+            0 => {
+                if let Ok(c) = core.create_host(now, (arg % 4) as u16, entropy) {
+                    allocs.push(c);
+                }
+            }
+            1 => {
+                if let Some(h) = pick(&allocs, arg) {
+                    if let Ok(c) = core.create_joiner(now, &h.id, entropy) {
+                        allocs.push(c);
+                    }
+                }
+            }
+            2 => {
+                if let Some(a) = pick(&allocs, arg) {
+                    let _ = core.handle_control(now, Control::Release { id: a.id });
+                }
+            }
+            3 => {
+                if let Some(a) = pick(&allocs, arg) {
+                    datagram = Some(packets::bind(&a.key, b.u16().unwrap_or(0), &a.connection_data));
+                }
+            }
+            4 => {
+                if let (Some(a), Some(t)) = (pick(&allocs, arg), pick(&allocs, arg / 7)) {
+                    datagram = Some(packets::connect_request(&a.id, &t.connection_data));
+                }
+            }
+            5 => {
+                if let (Some(a), Some(t)) = (pick(&allocs, arg), pick(&allocs, arg / 5)) {
+                    let n = b.u8().unwrap_or(0) as usize * 4;
+                    datagram = packets::relay(&a.id, &t.id, &vec![0xAB; n]).ok();
+                }
+            }
+            6 => datagram = pick(&allocs, arg).map(|a| packets::ping(&a.id, 1)),
+            7 => {
+                if let (Some(a), Some(t)) = (pick(&allocs, arg), pick(&allocs, arg / 3)) {
+                    datagram = Some(packets::disconnect(&a.id, &t.id));
+                }
+            }
+            8 => datagram = pick(&allocs, arg).map(|a| packets::close(&a.id)),
+            9 => datagram = Some(b.take(arg as usize * 6).to_vec()),
+            10 => {
+                now += arg as u64 * 20;
+                core.handle_timeout(now);
+            }
+            _ => {
+                // A valid datagram with a few bytes flipped.
+                if let (Some(a), Some(t)) = (pick(&allocs, arg), pick(&allocs, arg / 11)) {
+                    let mut d = packets::relay(&a.id, &t.id, b"payload").unwrap_or_default();
+                    for _ in 0..(arg % 4) {
+                        let at = b.u8().unwrap_or(0) as usize % d.len().max(1);
+                        if let Some(x) = d.get_mut(at) {
+                            *x ^= b.u8().unwrap_or(0xFF);
+                        }
+                    }
+                    datagram = Some(d);
+                }
+            }
+        }
+
+        let mut forwarded_to = None;
+        if let Some(mut d) = datagram {
+            let len = d.len();
+            let snapshot = d.clone();
+            match core.handle_datagram(now, from, &mut d) {
+                Action::Reply(n) => assert!(n <= len, "reply of {n} bytes to a {len}-byte datagram"),
+                Action::Forward(to) => {
+                    assert_eq!(d, snapshot, "forwarded datagrams are unchanged");
+                    forwarded_to = Some((to, snapshot));
+                }
+                Action::Consumed | Action::Drop(_) => {}
+            }
+        }
+        // Fold this step's events into the model before judging a forward.
+        let mut unlinked_now = Vec::new();
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                Event::Bound { addr, .. } => {
+                    ever_bound.insert(addr);
+                }
+                Event::Connected { host, joiner } => {
+                    links.insert((host, joiner));
+                }
+                Event::Released { id, .. } => links.retain(|&(h, j)| h != id && j != id),
+            }
+        }
+        if let Some((to, d)) = forwarded_to {
+            assert!(ever_bound.contains(&to), "sent to {to}, which never bound");
+            let ty = MessageType::from_u8(d[3]);
+            let from_id = AllocationId::read(&d, 4);
+            let to_id = AllocationId::read(&d, 20);
+            let pair_linked = links.contains(&(from_id, to_id)) || links.contains(&(to_id, from_id));
+            match ty {
+                Some(MessageType::Relay) => {
+                    assert!(pair_linked, "RELAY between unlinked {from_id} and {to_id}");
+                    assert_eq!(core.bound_addr(&to_id), Some(to), "RELAY to a stale address");
+                }
+                Some(MessageType::Disconnect) => {
+                    assert!(pair_linked, "DISCONNECT between unlinked allocations");
+                    unlinked_now.push((from_id, to_id));
+                }
+                other => panic!("forwarded a {other:?}"),
+            }
+        }
+        for (a, b) in unlinked_now {
+            links.remove(&(a, b));
+            links.remove(&(b, a));
+        }
+        while let Some(t) = core.poll_transmit() {
+            assert!(ever_bound.contains(&t.to), "notification to an address that never bound");
+            assert_eq!(t.len, 36);
+        }
+        assert!(core.allocations() <= CAP as usize, "table over its cap");
+        let _ = core.poll_timeout();
+    }
+    // Releasing everything leaves nothing behind.
+    for a in &allocs {
+        let _ = core.handle_control(now, Control::Release { id: a.id });
+    }
+    assert_eq!(core.allocations(), 0);
+    let _ = ControlReply::Released;
+}
