@@ -105,6 +105,7 @@ fn src(n: u8) -> SocketAddr {
 pub fn bind_with_test_key(data: &[u8]) {
     let mut cfg = CoreConfig::new(SECRET);
     cfg.max_allocations = 8;
+    cfg.limiter_buckets = 16;
     let mut core = Core::new(cfg, 0);
     let Ok(host) = core.create_host(0, 2, Entropy { id: [7; 16], key: TEST_KEY }) else { return };
     let mut b = Bytes(data);
@@ -144,6 +145,7 @@ pub fn core_sequence(data: &[u8]) {
     cfg.idle_timeout = 1_000;
     cfg.host_alone_timeout = 3_000;
     cfg.rebind_quiet = 500;
+    cfg.limiter_buckets = 16;
     let mut core = Core::new(cfg, 0);
     let mut allocs: Vec<Created> = Vec::new();
     let mut links: HashSet<(AllocationId, AllocationId)> = HashSet::new();
