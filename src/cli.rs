@@ -81,9 +81,15 @@ pub struct ServeArgs {
     /// Region ID reported by /v1/regions and in allocations [default: local].
     #[arg(long, env = "FERRY_REGION")]
     pub region: Option<String>,
-    /// Number of relay shards (threads) [default: 1].
+    /// Number of relay shards (threads) [default: one per available core].
     #[arg(long, env = "FERRY_SHARDS")]
     pub shards: Option<usize>,
+    /// Pin each shard thread to a core [default: true].
+    #[arg(long, env = "FERRY_PIN_SHARDS")]
+    pub pin_shards: Option<bool>,
+    /// Steer datagrams to their owner shard in the kernel (classic BPF) [default: true].
+    #[arg(long, env = "FERRY_KERNEL_STEERING")]
+    pub kernel_steering: Option<bool>,
     /// Datagram backend: batch (recvmmsg/sendmmsg on epoll) [default: batch].
     #[arg(long, env = "FERRY_IO", value_parser = io_arg)]
     pub io: Option<IoBackend>,
@@ -172,6 +178,8 @@ struct FileConfig {
     advertise_port: Option<u16>,
     region: Option<String>,
     shards: Option<usize>,
+    pin_shards: Option<bool>,
+    kernel_steering: Option<bool>,
     io: Option<IoBackend>,
     unbound_timeout: Option<FileDuration>,
     idle_timeout: Option<FileDuration>,
@@ -247,6 +255,8 @@ impl ServeArgs {
             advertise_port,
             region,
             shards,
+            pin_shards,
+            kernel_steering,
             io,
             max_connections_cap,
             max_allocations,

@@ -33,6 +33,10 @@ pub struct Config {
     pub advertise_port: u16,
     pub region: String,
     pub shards: usize,
+    /// Pin shard threads to cores (shard i on core i modulo the core count).
+    pub pin_shards: bool,
+    /// Attach the reuseport steering program (`bpf/steer.bpf`) when there are several shards.
+    pub kernel_steering: bool,
     pub io: IoBackend,
     pub unbound_timeout: Duration,
     pub idle_timeout: Duration,
@@ -116,7 +120,9 @@ impl Config {
             advertise: String::new(),
             advertise_port: 0,
             region: "local".into(),
-            shards: 1,
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            pin_shards: true,
+            kernel_steering: true,
             io: IoBackend::Batch,
             unbound_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(10),

@@ -23,5 +23,6 @@ pub mod io;
 pub mod metrics;
 pub mod serve;
 pub mod shard;
+pub mod steer;
 pub mod timer;
 pub mod wire;

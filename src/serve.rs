@@ -83,6 +83,21 @@ impl Running {
                     .map_err(|e| with_context(e, "cannot bind relay_listen", relay_addr))?,
             );
         }
+        let steering = if cfg.shards > 1 && !cfg.kernel_steering {
+            "hand-off"
+        } else if cfg.shards > 1 {
+            match crate::steer::attach(&sockets[0], cfg.shards as u32) {
+                Ok(()) => "kernel",
+                Err(e) => {
+                    tracing::warn!(error = %e, "no kernel steering; shards hand datagrams to their owners instead");
+                    "hand-off"
+                }
+            }
+        } else {
+            "single shard"
+        };
+        let cores =
+            if cfg.pin_shards { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
         let setups = sockets
             .into_iter()
@@ -93,6 +108,7 @@ impl Running {
                 core: core_config(&cfg, i, relay_addr),
                 clock,
                 events: ev_tx.clone(),
+                pin: (!cores.is_empty()).then(|| cores[i % cores.len()]),
             })
             .collect();
         let (handles, threads) = spawn_all(setups)?;
@@ -124,12 +140,10 @@ impl Running {
         };
         if let Some(path) = cfg.control_socket.clone() {
             let c = control.clone();
-            // Bind now so a bad path fails start-up instead of a background task.
-            let _ = std::fs::remove_file(&path);
-            std::os::unix::net::UnixListener::bind(&path)
+            let listener = ControlServer::bind_unix(&path)
                 .map_err(|e| with_context(e, "cannot bind control_socket", path.display()))?;
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = c.run_unix(&path).await {
+                if let Err(e) = c.run_unix(listener).await {
                     tracing::error!(error = %e, "control socket stopped");
                 }
             }));
@@ -172,6 +186,7 @@ impl Running {
             relay = %relay_addr,
             advertise = %format!("{}:{}", cfg.advertise, cfg.advertise_port),
             shards = cfg.shards,
+            steering,
             region = %cfg.region,
             "ferry serving"
         );

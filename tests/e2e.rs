@@ -311,10 +311,10 @@ fn control_socket_unix_and_tcp() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-#[test]
-fn sessions_spread_over_several_shards() {
+fn sessions_over_three_shards(kernel_steering: bool) -> u64 {
     let srv = Server::start(|c| {
         c.shards = 3;
+        c.kernel_steering = kernel_steering;
         c.api_rate_limit = 100_000;
     });
     let api = srv.api();
@@ -344,9 +344,17 @@ fn sessions_spread_over_several_shards() {
         host.relay_to(&peer.id, b"pong");
         assert_eq!(peer.recv(), packets::relay(&host.id, &peer.id, b"pong").unwrap());
     }
-    // Without a steering program the kernel spreads by 4-tuple, so some datagrams arrived on a
-    // shard that does not own their session and were handed to the owner.
-    let handed: u64 =
-        (0..3).map(|s| srv.metric(&format!("ferry_io_total{{shard=\"{s}\",kind=\"handoff_in\"}}"))).sum();
-    assert!(handed > 0, "expected some hand-offs between shards");
+    (0..3).map(|s| srv.metric(&format!("ferry_io_total{{shard=\"{s}\",kind=\"handoff_in\"}}"))).sum()
+}
+
+#[test]
+fn kernel_steering_delivers_every_datagram_to_its_owner_shard() {
+    assert_eq!(sessions_over_three_shards(true), 0, "no datagram needed a hand-off");
+}
+
+#[test]
+fn datagrams_on_the_wrong_shard_are_handed_to_the_owner() {
+    // Without steering the kernel spreads by 4-tuple, so most sessions have datagrams landing on
+    // a shard that does not own them; they still arrive.
+    assert!(sessions_over_three_shards(false) > 0, "expected hand-offs between shards");
 }

@@ -188,14 +188,18 @@ impl ControlServer {
         }
     }
 
-    /// Accepts on a Unix socket at `path` (replacing a stale file), mode 0600.
-    pub async fn run_unix(self, path: &Path) -> io::Result<()> {
+    /// Binds a Unix socket at `path` (replacing a stale file) with mode 0600.
+    pub fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
+        use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        }
+        let l = std::os::unix::net::UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        l.set_nonblocking(true)?;
+        tokio::net::UnixListener::from_std(l)
+    }
+
+    /// Accepts on a Unix listener from [`bind_unix`](Self::bind_unix).
+    pub async fn run_unix(self, listener: tokio::net::UnixListener) -> io::Result<()> {
         loop {
             let (s, _) = listener.accept().await?;
             let me = self.clone();

@@ -20,7 +20,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use tokio::sync::oneshot;
 
 use crate::clock::{Clock, Millis};
-use crate::core::{owner_shard, Action, Control, ControlError, ControlReply, Core, CoreConfig, Event, Stats};
+use crate::core::{Action, Control, ControlError, ControlReply, Core, CoreConfig, Event, Stats};
 use crate::io::{BatchIo, PacketBatch, SendItem, SendReport, BATCH};
 use crate::wire::{MessageType, MAX_DATAGRAM};
 
@@ -95,6 +95,8 @@ pub struct ShardSetup {
     pub core: CoreConfig,
     pub clock: Clock,
     pub events: tokio::sync::mpsc::UnboundedSender<(usize, Event)>,
+    /// Core to pin the thread to.
+    pub pin: Option<core_affinity::CoreId>,
 }
 
 /// Builds mailboxes and wakers for `setups.len()` shards, then starts one thread per shard.
@@ -125,16 +127,13 @@ pub fn spawn_all(setups: Vec<ShardSetup>) -> io::Result<(Vec<ShardHandle>, Vec<J
     Ok((handles, threads))
 }
 
-/// The owner shard of a datagram, read where steering reads it (offset 4, or 8 for BIND).
+/// The owner shard of a datagram, by the same rule as the kernel program (`bpf/steer.bpf`): the
+/// big-endian word at offset 4 (8 for BIND) modulo the shard count. `None` when too short.
 #[inline]
-fn datagram_owner(d: &[u8], shards: u32) -> Option<usize> {
-    if d.len() < 24 || d[0] != crate::wire::SIGNATURE_0 || d[1] != crate::wire::SIGNATURE_1 {
-        return None;
-    }
-    let off = if d[3] == MessageType::Bind as u8 { 8 } else { 4 };
-    let mut id = crate::wire::AllocationId::default();
-    id.0.copy_from_slice(&d[off..off + 16]);
-    Some(owner_shard(&id, shards) as usize)
+pub fn datagram_owner(d: &[u8], shards: u32) -> Option<usize> {
+    let off = if d.get(3) == Some(&(MessageType::Bind as u8)) { 8 } else { 4 };
+    let w = d.get(off..off + 4)?;
+    Some((u32::from_be_bytes([w[0], w[1], w[2], w[3]]) % shards.max(1)) as usize)
 }
 
 struct Loop {

@@ -24,6 +24,10 @@ impl Server {
         let mut cfg = Config::defaults();
         cfg.api_listen = "127.0.0.1:0".parse().unwrap();
         cfg.relay_listen = "127.0.0.1:0".parse().unwrap();
+        // CI runs the suite with one shard and with several (FERRY_TEST_SHARDS).
+        cfg.shards =
+            std::env::var("FERRY_TEST_SHARDS").ok().and_then(|s| s.parse().ok()).unwrap_or(cfg.shards);
+        cfg.pin_shards = false;
         tweak(&mut cfg);
         let cfg = cfg.validate().unwrap();
         let running = rt.block_on(Running::start(cfg)).unwrap();
