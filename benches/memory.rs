@@ -41,7 +41,10 @@ fn one(allocations: u32) {
         let h = core.create_host(0, 1, entropy(2 * s as u64)).expect("host");
         let j = core.create_joiner(0, &h.id, entropy(2 * s as u64 + 1)).expect("joiner");
         for (i, c) in [(2 * s, &h), (2 * s + 1, &j)] {
-            let src = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1000 + (i % 50_000) as u16));
+            let src = SocketAddr::from((
+                [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                1000 + (i % 50_000) as u16,
+            ));
             buf.clear();
             buf.extend_from_slice(&packets::bind(&c.key, 0, &c.connection_data));
             assert!(matches!(core.handle_datagram(0, src, &mut buf), Action::Reply(4)));

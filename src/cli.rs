@@ -27,6 +27,20 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Run a full allocate → join code → join → bind → connect → relay round trip against an API.
     Demo(DemoArgs),
+    /// Generate load against a Ferry deployment (or a baseline) and measure it.
+    Load(Box<crate::load::LoadArgs>),
+    /// The B1 ideal forwarder used as a benchmark baseline (recvmmsg → lookup → sendmmsg).
+    #[command(hide = true)]
+    BenchB1(B1Args),
+}
+
+#[derive(Args, Debug)]
+pub struct B1Args {
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    pub listen: SocketAddr,
+    /// Pin the forwarder to this core.
+    #[arg(long)]
+    pub pin: Option<usize>,
 }
 
 #[derive(Args, Debug)]

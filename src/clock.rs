@@ -23,6 +23,12 @@ impl Clock {
         self.start.elapsed().as_millis() as Millis
     }
 
+    /// Nanoseconds since this clock was created (for latency measurement).
+    #[allow(clippy::disallowed_methods)]
+    pub fn nanos(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
     /// Wall-clock seconds since the Unix epoch (for logs and request IDs only).
     #[allow(clippy::disallowed_methods)]
     pub fn unix_secs() -> u64 {

@@ -20,6 +20,7 @@ pub mod core;
 #[doc(hidden)]
 pub mod harness;
 pub mod io;
+pub mod load;
 pub mod metrics;
 pub mod serve;
 pub mod shard;

@@ -46,6 +46,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Load(args) => match ferry::load::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry load: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::BenchB1(args) => match ferry::load::b1::run(args.listen, args.pin) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry bench-b1: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo(args) => {
             match ferry::client::demo::run(&args.api, args.token.as_deref(), &args.message) {
                 Ok(()) => ExitCode::SUCCESS,

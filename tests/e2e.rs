@@ -358,3 +358,25 @@ fn datagrams_on_the_wrong_shard_are_handed_to_the_owner() {
     // a shard that does not own them; they still arrive.
     assert!(sessions_over_three_shards(false) > 0, "expected hand-offs between shards");
 }
+
+#[test]
+fn load_generator_measures_a_real_relay() {
+    use ferry::load::{engine, setup};
+    let srv = Server::start(|c| c.api_rate_limit = 100_000);
+    let streams = setup::ferry(&srv.api(), None, 3, 100, "127.0.0.1").unwrap();
+    let spec = engine::TrafficSpec {
+        payload: 100,
+        rate: 3000,
+        duration: Duration::from_millis(800),
+        warmup: Duration::from_millis(200),
+        pin_sender: None,
+        pin_receiver: None,
+    };
+    let m = engine::run(streams, &spec, |_| {}).unwrap();
+    assert!(m.sent > 500, "sent {}", m.sent);
+    assert!(m.received * 100 >= m.sent * 99, "received {} of {}", m.received, m.sent);
+    assert_eq!(m.duplicates, 0);
+    assert_eq!(m.latency_ns.len(), m.received);
+    // The relay counted what the generator saw.
+    assert!(srv.metric("ferry_packets_out_total{kind=\"forward\"}") >= m.received);
+}

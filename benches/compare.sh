@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Side-by-side relay benchmark on one machine: B0 (direct), B1 (ideal forwarder), Ferry, coturn and
+# turn-rs, driven by `ferry load` with the same traffic. The relay under test is pinned to core 0,
+# the generator to core 1; targets alternate within each round. Results land in $OUT (JSON lines,
+# a markdown report and SVG charts); `benches/report.py` turns them into BENCHMARKS.md's tables.
+#
+#   benches/compare.sh                 # full comparison (about 10 minutes on 2 cores)
+#   ROUNDS=1 QUICK=1 benches/compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-target/compare}"
+ROUNDS="${ROUNDS:-3}"
+DUR="${DUR:-3s}"
+SIZES="${SIZES:-64 1200}"
+TARGETS="${TARGETS:-direct b1 ferry coturn turnrs}"
+RELAY_CORE="${RELAY_CORE:-0}"
+GEN_CORE="${GEN_CORE:-1}"
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+
+cargo build --release --quiet
+FERRY=./target/release/ferry
+if ! command -v turnserver >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq coturn) >/dev/null 2>&1 || true
+fi
+if ! command -v turn-server >/dev/null; then
+  cargo install turn-server --locked --quiet >/dev/null 2>&1 || true
+fi
+
+PID=""
+cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; PID=""; }
+trap cleanup EXIT
+
+# start TARGET: runs the relay pinned to RELAY_CORE; sets PID and LOAD_ARGS.
+start() {
+  case "$1" in
+    direct) PID=""; LOAD_ARGS="--target direct" ;;
+    b1)
+      taskset -c "$RELAY_CORE" "$FERRY" bench-b1 --listen 127.0.0.1:19000 2>/dev/null &
+      PID=$!; LOAD_ARGS="--target b1 --relay 127.0.0.1:19000 --relay-pid $PID" ;;
+    ferry)
+      taskset -c "$RELAY_CORE" "$FERRY" serve --shards 1 --pin-shards false --relay-listen 127.0.0.1:17777 \
+        --api-listen 127.0.0.1:17880 --api-rate-limit 1000000 --log-format json 2>/dev/null &
+      PID=$!; LOAD_ARGS="--target ferry --api http://127.0.0.1:17880 --relay-pid $PID" ;;
+    coturn)
+      command -v turnserver >/dev/null || return 1
+      rm -f "$OUT/coturn.pid"
+      taskset -c "$RELAY_CORE" turnserver -n --listening-ip=127.0.0.1 --listening-port=13478 --relay-ip=127.0.0.1 \
+        --min-port=40000 --max-port=45000 --lt-cred-mech --user=ferry:ferry --realm=ferry --no-tls --no-dtls \
+        --allow-loopback-peers --no-cli --no-stdout-log --log-file=/dev/null --pidfile="$OUT/coturn.pid" >/dev/null 2>&1 &
+      for _ in $(seq 50); do [ -s "$OUT/coturn.pid" ] && break; sleep 0.1; done
+      PID=$(cat "$OUT/coturn.pid"); LOAD_ARGS="--target turn --relay 127.0.0.1:13478 --relay-pid $PID" ;;
+    turnrs)
+      command -v turn-server >/dev/null || return 1
+      cat > "$OUT/turn-rs.toml" <<TOML
+[turn]
+realm = "ferry"
+[[turn.interfaces]]
+transport = "udp"
+bind = "127.0.0.1:13479"
+external = "127.0.0.1:13479"
+[auth.static_credentials]
+ferry = "ferry"
+[log]
+level = "error"
+TOML
+      taskset -c "$RELAY_CORE" turn-server --config "$OUT/turn-rs.toml" >/dev/null 2>&1 &
+      PID=$!; LOAD_ARGS="--target turn --relay 127.0.0.1:13479 --relay-pid $PID" ;;
+  esac
+  sleep 1
+}
+
+# load NAME KIND [args…]: one generator run pinned to GEN_CORE, tagged and appended to RESULTS.
+load() {
+  local name=$1 kind=$2; shift 2
+  local line
+  if line=$(taskset -c "$GEN_CORE" "$FERRY" load $LOAD_ARGS --json "$@" 2>/dev/null); then
+    echo "{\"name\":\"$name\",\"kind\":\"$kind\",\"result\":$line}" >> "$RESULTS"
+    echo "$line"
+  else
+    echo "{\"name\":\"$name\",\"kind\":\"$kind\",\"error\":true}" >> "$RESULTS"
+    echo "  ($name $kind failed)" >&2
+    return 1
+  fi
+}
+
+delivered() { python3 -c 'import json,sys; print(int(json.loads(sys.argv[1])["delivered_pps"]))' "$1"; }
+loss() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])["loss_pct"])' "$1"; }
+
+for round in $(seq "$ROUNDS"); do
+  # Alternate the order of targets between rounds.
+  order=$TARGETS
+  [ $((round % 2)) -eq 0 ] && order=$(echo "$TARGETS" | tr ' ' '\n' | tac | tr '\n' ' ')
+  for t in $order; do
+    start "$t" || { echo "skip $t (not installed)"; continue; }
+    for size in $SIZES; do
+      echo "round $round: $t max rate, $size B"
+      load "$t" "max-$size" --size "$size" --duration "$DUR" >/dev/null || true
+    done
+    cleanup
+  done
+done
+
+# Highest loss-free (<= 0.1 %) rate: bisection below each target's measured maximum.
+for t in $TARGETS; do
+  start "$t" || continue
+  for size in $SIZES; do
+    hi=$(python3 - "$RESULTS" "$t" "$size" <<'PY'
+import json, sys, statistics
+rs = [json.loads(l) for l in open(sys.argv[1])]
+v = [r["result"]["delivered_pps"] for r in rs if r["name"] == sys.argv[2] and r["kind"] == f"max-{sys.argv[3]}" and "result" in r]
+print(int(statistics.median(v) * 1.05) if v else 0)
+PY
+)
+    lo=0
+    for _ in 1 2 3 4 5 6; do
+      mid=$(( (lo + hi) / 2 ))
+      [ "$mid" -le 1000 ] && break
+      r=$(load "$t" "probe-$size" --size "$size" --rate "$mid" --duration 2s) || break
+      if python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) <= 0.1 else 1)' "$(loss "$r")"; then lo=$mid; else hi=$mid; fi
+    done
+    echo "{\"name\":\"$t\",\"kind\":\"lossfree-$size\",\"result\":{\"rate\":$lo}}" >> "$RESULTS"
+    echo "$t $size B: loss-free up to $lo pps"
+  done
+  # Latency at fixed offered loads.
+  for rate in 5000 20000; do
+    load "$t" "latency-$rate" --size 64 --rate "$rate" --duration "$DUR" >/dev/null || true
+  done
+  if [ "$t" = ferry ] || [ "$t" = b1 ]; then
+    load "$t" binds --mode binds --allocations 2000 --duration 3s >/dev/null || true
+  fi
+  if [ "$t" = ferry ]; then
+    load "$t" allocations --mode allocations --clients 4 --duration 3s >/dev/null || true
+  fi
+  cleanup
+done
+
+python3 benches/report.py "$RESULTS" "$OUT"
+echo "report: $OUT/report.md"

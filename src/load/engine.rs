@@ -1,0 +1,310 @@
+//! The traffic engine: an open-loop sender and a receiver on their own threads, batched syscalls
+//! on both sides. Every payload carries `[seq u64][send time ns u64][stream u32]`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use mio::{Events, Interest, Poll, Token};
+
+use super::setup::Stream;
+use crate::clock::Clock;
+use crate::io::{BatchIo, PacketBatch, SendItem, BATCH};
+
+/// Smallest payload that holds the measurement fields.
+pub const MIN_PAYLOAD: usize = 20;
+const SERIES_BUCKET_NS: u64 = 100_000_000;
+const REORDER_WINDOW: u64 = 1 << 16;
+
+#[derive(Clone, Debug)]
+pub struct TrafficSpec {
+    pub payload: usize,
+    /// Datagrams per second over all streams; 0 = as fast as possible.
+    pub rate: u64,
+    pub duration: Duration,
+    /// Traffic before this is sent but not measured.
+    pub warmup: Duration,
+    pub pin_sender: Option<usize>,
+    pub pin_receiver: Option<usize>,
+}
+
+/// What the receiver measured (only datagrams sent after the warm-up count).
+pub struct Measured {
+    pub sent: u64,
+    pub send_blocked: u64,
+    pub received: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    pub latency_ns: Histogram<u64>,
+    /// Datagrams received per 100 ms since the end of the warm-up.
+    pub series_pps: Vec<u64>,
+    /// p50 and p99 one-way latency (µs) per second since the end of the warm-up.
+    pub series_latency: Vec<(f64, f64)>,
+    pub measured_secs: f64,
+}
+
+struct Seen {
+    highest: u64,
+    bits: Vec<u64>,
+    any: bool,
+}
+
+impl Seen {
+    fn new() -> Self {
+        Self { highest: 0, bits: vec![0; (REORDER_WINDOW / 64) as usize], any: false }
+    }
+
+    /// Returns (duplicate, reordered).
+    fn mark(&mut self, seq: u64) -> (bool, bool) {
+        if self.any && seq + REORDER_WINDOW <= self.highest {
+            return (false, true); // too old to tell: count it as late, not as new
+        }
+        let reordered = self.any && seq < self.highest;
+        if !self.any || seq > self.highest {
+            // Clear the bits that scroll out of the window.
+            let start = if self.any { self.highest + 1 } else { seq };
+            for s in start.max(seq.saturating_sub(REORDER_WINDOW - 1))..=seq {
+                let i = (s % REORDER_WINDOW) as usize;
+                self.bits[i / 64] &= !(1 << (i % 64));
+            }
+            self.highest = seq;
+            self.any = true;
+        }
+        let i = (seq % REORDER_WINDOW) as usize;
+        let dup = self.bits[i / 64] & (1 << (i % 64)) != 0;
+        self.bits[i / 64] |= 1 << (i % 64);
+        (dup, reordered && !dup)
+    }
+}
+
+fn pin(core: Option<usize>) {
+    if let Some(id) = core {
+        core_affinity::set_for_current(core_affinity::CoreId { id });
+    }
+}
+
+/// Runs the traffic described by `spec` over `streams` and returns the measurements.
+pub fn run(
+    streams: Vec<Stream>,
+    spec: &TrafficSpec,
+    progress: impl Fn(f64) + Send,
+) -> std::io::Result<Measured> {
+    let payload = spec.payload.max(MIN_PAYLOAD);
+    let clock = Clock::new();
+    let start = clock.nanos() + 50_000_000;
+    let measure_from = start + spec.warmup.as_nanos() as u64;
+    let end = measure_from + spec.duration.as_nanos() as u64;
+    let done = Arc::new(AtomicBool::new(false));
+    let sent_measured = Arc::new(AtomicU64::new(0));
+    let blocked = Arc::new(AtomicU64::new(0));
+
+    let mut txs = Vec::new();
+    let mut rxs = Vec::new();
+    for s in streams {
+        txs.push((s.tx, s.dst, s.header));
+        rxs.push(s.rx);
+    }
+    let header_len = txs.first().map_or(0, |t| t.2.len());
+
+    let receiver = {
+        let done = done.clone();
+        let spec = spec.clone();
+        std::thread::spawn(move || -> std::io::Result<Measured> {
+            pin(spec.pin_receiver);
+            let mut poll = Poll::new()?;
+            let mut socks: Vec<mio::net::UdpSocket> = rxs
+                .into_iter()
+                .map(|s| {
+                    let _ = s.set_nonblocking(true);
+                    mio::net::UdpSocket::from_std(s)
+                })
+                .collect();
+            for (i, s) in socks.iter_mut().enumerate() {
+                poll.registry().register(s, Token(i), Interest::READABLE)?;
+            }
+            let mut ios: Vec<BatchIo> = socks.iter().map(BatchIo::new).collect();
+            let mut batch = PacketBatch::new();
+            let mut events = Events::with_capacity(1024);
+            let mut seen: Vec<Seen> = (0..socks.len()).map(|_| Seen::new()).collect();
+            let mut m = Measured {
+                sent: 0,
+                send_blocked: 0,
+                received: 0,
+                duplicates: 0,
+                reordered: 0,
+                latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3)
+                    .map_err(std::io::Error::other)?,
+                series_pps: Vec::new(),
+                series_latency: Vec::new(),
+                measured_secs: spec.duration.as_secs_f64(),
+            };
+            let mut per_sec =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 2).map_err(std::io::Error::other)?;
+            let mut cur_sec = 0usize;
+            let mut ready: Vec<usize> = (0..socks.len()).collect();
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                poll.poll(&mut events, Some(Duration::from_millis(if finished { 200 } else { 20 })))?;
+                ready.extend(events.iter().map(|e| e.token().0));
+                if ready.is_empty() && finished {
+                    break;
+                }
+                ready.sort_unstable();
+                ready.dedup();
+                let mut still = Vec::new();
+                for &i in &ready {
+                    let n = ios[i].recv(&mut batch)?;
+                    if n == 0 {
+                        continue;
+                    }
+                    still.push(i);
+                    let now = clock.nanos();
+                    for k in 0..n {
+                        let len = batch.meta[k].len;
+                        if len < header_len + MIN_PAYLOAD {
+                            continue;
+                        }
+                        let p = &batch.bufs[k][header_len..len];
+                        let seq = u64::from_le_bytes(p[0..8].try_into().unwrap_or_default());
+                        let ts = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
+                        let stream = u32::from_le_bytes(p[16..20].try_into().unwrap_or_default()) as usize;
+                        if ts < measure_from || ts >= end || stream >= seen.len() {
+                            continue;
+                        }
+                        let (dup, reordered) = seen[stream].mark(seq);
+                        if dup {
+                            m.duplicates += 1;
+                            continue;
+                        }
+                        m.reordered += reordered as u64;
+                        m.received += 1;
+                        let lat = now.saturating_sub(ts).max(1);
+                        let _ = m.latency_ns.record(lat);
+                        let at = now.saturating_sub(measure_from);
+                        let bucket = (at / SERIES_BUCKET_NS) as usize;
+                        if bucket >= m.series_pps.len() {
+                            m.series_pps.resize(bucket + 1, 0);
+                        }
+                        m.series_pps[bucket] += 1;
+                        let sec = (at / 1_000_000_000) as usize;
+                        if sec != cur_sec && !per_sec.is_empty() {
+                            while m.series_latency.len() < cur_sec {
+                                m.series_latency.push((f64::NAN, f64::NAN));
+                            }
+                            m.series_latency.push((
+                                per_sec.value_at_quantile(0.5) as f64 / 1000.0,
+                                per_sec.value_at_quantile(0.99) as f64 / 1000.0,
+                            ));
+                            per_sec.reset();
+                        }
+                        cur_sec = sec;
+                        let _ = per_sec.record(lat);
+                    }
+                }
+                ready = still;
+            }
+            if !per_sec.is_empty() {
+                m.series_latency.push((
+                    per_sec.value_at_quantile(0.5) as f64 / 1000.0,
+                    per_sec.value_at_quantile(0.99) as f64 / 1000.0,
+                ));
+            }
+            Ok(m)
+        })
+    };
+
+    // The sender runs on this thread.
+    pin(spec.pin_sender);
+    let mut ios: Vec<BatchIo> = txs.iter().map(|t| BatchIo::new(&t.0)).collect();
+    for t in &txs {
+        t.0.set_nonblocking(true)?;
+    }
+    let mut batch = PacketBatch::new();
+    let mut items: Vec<SendItem> = Vec::with_capacity(BATCH);
+    let mut seqs = vec![0u64; txs.len()];
+    let mut stamps = [0u64; BATCH];
+    let len = header_len + payload;
+    for b in batch.bufs.iter_mut() {
+        b[..len].fill(0x5A);
+    }
+    let mut sent_total = 0u64;
+    let mut k = 0usize;
+    let mut last_progress = 0u64;
+    while clock.nanos() < start {
+        std::hint::spin_loop();
+    }
+    loop {
+        let now = clock.nanos();
+        if now >= end {
+            break;
+        }
+        if now - last_progress > 100_000_000 {
+            last_progress = now;
+            progress((now.saturating_sub(start)) as f64 / (end - start) as f64);
+        }
+        let n = if spec.rate == 0 {
+            BATCH
+        } else {
+            let due = ((now - start) as u128 * spec.rate as u128 / 1_000_000_000) as u64;
+            let d = due.saturating_sub(sent_total);
+            if d == 0 {
+                let wait = 1_000_000_000 / spec.rate.max(1);
+                if wait > 200_000 {
+                    std::thread::sleep(Duration::from_nanos(wait / 2));
+                } else {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            (d as usize).min(BATCH)
+        };
+        let (_, dst, header) = &txs[k];
+        let dst: SocketAddr = *dst;
+        items.clear();
+        let first = seqs[k];
+        for (i, b) in batch.bufs.iter_mut().take(n).enumerate() {
+            b[..header_len].copy_from_slice(header);
+            let p = &mut b[header_len..len];
+            p[0..8].copy_from_slice(&(first + i as u64).to_le_bytes());
+            stamps[i] = clock.nanos();
+            p[8..16].copy_from_slice(&stamps[i].to_le_bytes());
+            p[16..20].copy_from_slice(&(k as u32).to_le_bytes());
+            items.push(SendItem { slot: i, len, dst });
+        }
+        let r = ios[k].send(&batch, &items);
+        let went = (r.sent + r.errors) as u64;
+        seqs[k] = first + went;
+        sent_total += went;
+        if r.would_block > 0 {
+            blocked.fetch_add(r.would_block as u64, Ordering::Relaxed);
+        }
+        let counted = stamps[..went as usize].iter().filter(|&&t| t >= measure_from && t < end).count();
+        sent_measured.fetch_add(counted as u64, Ordering::Relaxed);
+        k = (k + 1) % txs.len();
+    }
+    progress(1.0);
+    done.store(true, Ordering::Release);
+    let mut m = receiver.join().map_err(|_| std::io::Error::other("receiver panicked"))??;
+    m.sent = sent_measured.load(Ordering::Relaxed);
+    m.send_blocked = blocked.load(Ordering::Relaxed);
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Seen;
+
+    #[test]
+    fn duplicates_and_reordering() {
+        let mut s = Seen::new();
+        assert_eq!(s.mark(0), (false, false));
+        assert_eq!(s.mark(2), (false, false));
+        assert_eq!(s.mark(1), (false, true));
+        assert_eq!(s.mark(2), (true, false));
+        assert_eq!(s.mark(1_000_000), (false, false));
+        assert_eq!(s.mark(2), (false, true), "outside the window: late, not new");
+        assert_eq!(s.mark(1_000_000), (true, false));
+    }
+}

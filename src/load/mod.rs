@@ -1,0 +1,299 @@
+//! `ferry load`: a load generator for any Ferry deployment, and the comparison targets
+//! (B0 direct, B1 ideal forwarder, TURN relays) driven with the same traffic shape.
+//!
+//! Modes:
+//! - `traffic` (default): S sessions, open-loop RELAY traffic at a rate (or max) for a duration;
+//!   delivered packets/s, loss, duplicates, reordering, one-way latency percentiles;
+//! - `binds`: BINDs for many allocations as fast as the relay answers them (binds/s);
+//! - `allocations`: `/v1/allocate` from several threads (allocations/s through the API).
+
+pub mod b1;
+pub mod engine;
+pub mod report;
+pub mod setup;
+pub mod turn;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::client::{packets, ApiClient};
+use crate::clock::Clock;
+use crate::config::parse_duration;
+use crate::io::{BatchIo, PacketBatch, SendItem, BATCH};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// A Ferry deployment, through its API.
+    Ferry,
+    /// The B1 ideal forwarder (`ferry bench-b1`).
+    B1,
+    /// B0: the generator's own sockets, no relay.
+    Direct,
+    /// A TURN server (coturn, turn-rs): Allocate, CreatePermission, ChannelBind, ChannelData.
+    Turn,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Traffic,
+    Binds,
+    Allocations,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LoadArgs {
+    #[arg(long, value_enum, default_value = "ferry")]
+    pub target: Target,
+    #[arg(long, value_enum, default_value = "traffic")]
+    pub mode: Mode,
+    /// Ferry's API.
+    #[arg(long, env = "FERRY_API", default_value = "http://127.0.0.1:7880")]
+    pub api: String,
+    #[arg(long, env = "FERRY_TOKEN")]
+    pub token: Option<String>,
+    /// Relay address: B1 or TURN server; for Ferry, overrides the advertised endpoint.
+    #[arg(long)]
+    pub relay: Option<SocketAddr>,
+    /// Sessions (one sender and one receiver each).
+    #[arg(long, default_value_t = 1)]
+    pub sessions: usize,
+    /// Payload bytes per datagram (at least 20).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Offered datagrams per second over all sessions; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Allocations to cycle through in `binds` mode.
+    #[arg(long, default_value_t = 1000)]
+    pub allocations: usize,
+    /// HTTP clients in `allocations` mode.
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Pin the sender thread to this core.
+    #[arg(long)]
+    pub pin_sender: Option<usize>,
+    /// Pin the receiver thread to this core.
+    #[arg(long)]
+    pub pin_receiver: Option<usize>,
+    /// PID of the relay, to report its CPU time per delivered packet.
+    #[arg(long)]
+    pub relay_pid: Option<u32>,
+    /// Local address for the generator's sockets.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind_ip: String,
+    /// TURN long-term credentials.
+    #[arg(long, default_value = "ferry")]
+    pub turn_user: String,
+    #[arg(long, default_value = "ferry")]
+    pub turn_pass: String,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Write an SVG chart of throughput and latency over time.
+    #[arg(long)]
+    pub chart: Option<std::path::PathBuf>,
+}
+
+fn need_relay(a: &LoadArgs) -> Result<SocketAddr, String> {
+    a.relay.ok_or_else(|| format!("--relay is required for --target {:?}", a.target))
+}
+
+/// Runs the load described by `a` and prints the result.
+pub fn run(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
+    match a.mode {
+        Mode::Traffic => traffic(a),
+        Mode::Binds => binds(a),
+        Mode::Allocations => allocations(a),
+    }
+}
+
+fn api(a: &LoadArgs) -> ApiClient {
+    let c = ApiClient::new(a.api.clone());
+    match &a.token {
+        Some(t) => c.with_token(t.clone()),
+        None => c,
+    }
+}
+
+fn traffic(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let payload = a.size.max(engine::MIN_PAYLOAD);
+    let streams = match a.target {
+        Target::Ferry => setup::ferry(&api(a), a.relay, a.sessions, payload, &a.bind_ip)?,
+        Target::B1 => setup::b1(need_relay(a)?, a.sessions, payload, &a.bind_ip)?,
+        Target::Direct => setup::direct(a.sessions, payload, &a.bind_ip)?,
+        Target::Turn => {
+            turn::streams(need_relay(a)?, &a.turn_user, &a.turn_pass, a.sessions, payload, &a.bind_ip)?
+        }
+    };
+    let spec = engine::TrafficSpec {
+        payload,
+        rate: a.rate,
+        duration: a.duration,
+        warmup: a.warmup,
+        pin_sender: a.pin_sender,
+        pin_receiver: a.pin_receiver,
+    };
+    let bar = (!a.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let b = indicatif::ProgressBar::new(1000);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {bar:40} {percent}% {elapsed}/{duration}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let cpu_before = a.relay_pid.and_then(report::cpu_secs);
+    let m = engine::run(streams, &spec, |f| {
+        if let Some(b) = &bar {
+            b.set_position((f * 1000.0) as u64);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    // The relay's CPU over warm-up + measurement, scaled to the measured window.
+    let cpu = match (cpu_before, a.relay_pid.and_then(report::cpu_secs)) {
+        (Some(b), Some(e)) => {
+            let total = (a.warmup + a.duration).as_secs_f64() + 0.05;
+            Some((e - b) * a.duration.as_secs_f64() / total)
+        }
+        _ => None,
+    };
+    let name = format!("{:?}", a.target).to_lowercase();
+    let s = report::Summary::new(&name, a.sessions, payload, a.rate, &m, cpu);
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        s.print();
+    }
+    if let Some(path) = &a.chart {
+        s.chart(path)?;
+    }
+    Ok(())
+}
+
+/// BINDs for `allocations` allocations, round robin, as fast as they are answered.
+fn binds(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let (relay, datagrams): (SocketAddr, Vec<Vec<u8>>) = match a.target {
+        Target::Ferry => {
+            let api = api(a);
+            let mut relay = a.relay;
+            let mut out = Vec::with_capacity(a.allocations);
+            for _ in 0..a.allocations {
+                let al = api.allocate(1, None).map_err(|e| e.to_string())?;
+                let ep = &al.server_endpoints[0];
+                relay.get_or_insert(format!("{}:{}", ep.host, ep.port).parse()?);
+                let key = crate::auth::AllocationKey::from_base64(&al.key).ok_or("bad key")?;
+                let conn =
+                    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &al.connection_data)?;
+                out.push(packets::bind(&key, 1, &conn));
+            }
+            (relay.ok_or("no allocations")?, out)
+        }
+        Target::B1 => {
+            let relay = need_relay(a)?;
+            let key = crate::auth::AllocationKey([0; 64]);
+            (relay, (0..a.allocations).map(|n| packets::bind(&key, 1, &(n as u128).to_be_bytes())).collect())
+        }
+        _ => return Err("binds mode supports --target ferry and b1".into()),
+    };
+    let sock = std::net::UdpSocket::bind(format!("{}:0", a.bind_ip))?;
+    sock.set_nonblocking(true)?;
+    let mut io = BatchIo::new(&sock);
+    let mut rx_io = BatchIo::new(&sock);
+    let mut out = PacketBatch::new();
+    let mut inb = PacketBatch::new();
+    let clock = Clock::new();
+    let end = clock.nanos() + (a.warmup + a.duration).as_nanos() as u64;
+    let measure_from = clock.nanos() + a.warmup.as_nanos() as u64;
+    let (mut answered, mut sent, mut k) = (0u64, 0u64, 0usize);
+    let mut items = Vec::with_capacity(BATCH);
+    // Keep at most a window of BINDs in flight so the relay, not the socket buffers, sets the pace.
+    const WINDOW: u64 = 4096;
+    let mut in_flight = 0u64;
+    while clock.nanos() < end {
+        if in_flight < WINDOW {
+            items.clear();
+            for i in 0..BATCH {
+                let d = &datagrams[k % datagrams.len()];
+                k += 1;
+                out.bufs[i][..d.len()].copy_from_slice(d);
+                items.push(SendItem { slot: i, len: d.len(), dst: relay });
+            }
+            let r = io.send(&out, &items);
+            in_flight += r.sent as u64;
+            if clock.nanos() >= measure_from {
+                sent += r.sent as u64;
+            }
+        }
+        let n = rx_io.recv(&mut inb)?;
+        in_flight = in_flight.saturating_sub(n as u64);
+        if clock.nanos() >= measure_from {
+            answered += (0..n).filter(|&i| inb.meta[i].len == 4 && inb.bufs[i][3] == 1).count() as u64;
+        }
+        if n == 0 && in_flight >= WINDOW {
+            // Replies lost or still queued: let the window drain a little.
+            std::thread::sleep(Duration::from_micros(50));
+            in_flight = in_flight.saturating_sub(64);
+        }
+    }
+    let secs = a.duration.as_secs_f64();
+    let rate = answered as f64 / secs;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"target": format!("{:?}", a.target).to_lowercase(), "mode": "binds", "allocations": datagrams.len(), "sent": sent, "answered": answered, "binds_per_sec": rate})
+        );
+    } else {
+        println!(
+            "{} allocations, {sent} BINDs sent, {answered} answered: {rate:.0} binds/s",
+            datagrams.len()
+        );
+    }
+    Ok(())
+}
+
+/// `/v1/allocate` from `clients` threads for the duration.
+fn allocations(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let clock = Clock::new();
+    let end = clock.nanos() + a.duration.as_nanos() as u64;
+    let threads: Vec<_> = (0..a.clients.max(1))
+        .map(|_| {
+            let (api, ok, failed) = (api(a), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                while clock.nanos() < end {
+                    match api.allocate(1, None) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let rate = ok as f64 / a.duration.as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"mode": "allocations", "clients": a.clients, "created": ok, "failed": failed, "allocations_per_sec": rate})
+        );
+    } else {
+        println!(
+            "{ok} allocations created ({failed} failed) by {} clients: {rate:.0} allocations/s",
+            a.clients
+        );
+    }
+    Ok(())
+}

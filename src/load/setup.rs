@@ -1,0 +1,128 @@
+//! Builds the generator's streams against each kind of target: Ferry (through its API), B1 (the
+//! ideal forwarder), or direct (the generator's own sockets, B0).
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+
+use crate::auth::AllocationKey;
+use crate::client::{packets, ApiClient};
+use crate::wire::{AllocationId, Relay};
+
+/// One sender socket and one receiver socket, and how the sender's datagrams are framed.
+pub struct Stream {
+    pub tx: UdpSocket,
+    pub rx: UdpSocket,
+    /// Where the sender sends (the relay, or `rx` itself for B0).
+    pub dst: SocketAddr,
+    /// Bytes before the payload (a RELAY header, or a TURN ChannelData header).
+    pub header: Vec<u8>,
+}
+
+fn udp(local: &str) -> io::Result<UdpSocket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let _ = s.set_recv_buffer_size(8 << 20);
+    let _ = s.set_send_buffer_size(8 << 20);
+    s.bind(&local.parse::<SocketAddr>().map_err(io::Error::other)?.into())?;
+    Ok(s.into())
+}
+
+/// Sends `d` until a reply whose type byte is `want` arrives (5 tries, 1 s apart).
+fn handshake(sock: &UdpSocket, to: SocketAddr, d: &[u8], want: u8) -> io::Result<()> {
+    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut buf = [0u8; 2048];
+    for _ in 0..5 {
+        sock.send_to(d, to)?;
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if from == to && n >= 4 && buf[3] == want {
+                return Ok(());
+            }
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer of type {want} from {to}")))
+}
+
+pub(crate) fn relay_header(from: &AllocationId, to: &AllocationId, payload: usize) -> Vec<u8> {
+    let mut h = vec![0u8; Relay::<&[u8]>::HEADER_LEN + payload];
+    let _ = Relay::emit(&mut h, from, to, &vec![0u8; payload]);
+    h.truncate(Relay::<&[u8]>::HEADER_LEN);
+    h
+}
+
+/// Streams through a Ferry deployment: one host and one joiner per stream, via the API.
+pub fn ferry(
+    api: &ApiClient,
+    relay_override: Option<SocketAddr>,
+    sessions: usize,
+    payload: usize,
+    bind_ip: &str,
+) -> io::Result<Vec<Stream>> {
+    let e = |e: crate::client::ApiError| io::Error::other(e.to_string());
+    let mut out = Vec::with_capacity(sessions);
+    for _ in 0..sessions {
+        let h = api.allocate(1, None).map_err(e)?;
+        let code = api.join_code(&h.allocation_id).map_err(e)?;
+        let j = api.join(&code).map_err(e)?;
+        let ep = &h.server_endpoints[0];
+        let relay = match relay_override {
+            Some(r) => r,
+            None => format!("{}:{}", ep.host, ep.port).parse().map_err(io::Error::other)?,
+        };
+        let parts =
+            |a: &crate::client::api::Allocation| -> io::Result<(AllocationId, AllocationKey, Vec<u8>)> {
+                let dec = |s: &str| B64.decode(s).map_err(io::Error::other);
+                let id: [u8; 16] =
+                    dec(&a.allocation_id_bytes)?.try_into().map_err(|_| io::Error::other("id"))?;
+                let key: [u8; 64] = dec(&a.key)?.try_into().map_err(|_| io::Error::other("key"))?;
+                Ok((AllocationId(id), AllocationKey(key), dec(&a.connection_data)?))
+            };
+        let (hid, hkey, hconn) = parts(&h)?;
+        let (jid, jkey, jconn) = parts(&j.allocation)?;
+        let rx = udp(&format!("{bind_ip}:0"))?;
+        let tx = udp(&format!("{bind_ip}:0"))?;
+        handshake(&rx, relay, &packets::bind(&hkey, 1, &hconn), 1)?;
+        handshake(&tx, relay, &packets::bind(&jkey, 1, &jconn), 1)?;
+        handshake(&tx, relay, &packets::connect_request(&jid, &hconn), 6)?;
+        // The host speaks once, so its address is confirmed for relayed traffic.
+        rx.send_to(&packets::ping(&hid, 1), relay)?;
+        out.push(Stream { tx, rx, dst: relay, header: relay_header(&jid, &hid, payload) });
+    }
+    Ok(out)
+}
+
+fn random_id(n: usize, salt: u8) -> AllocationId {
+    let mut id = [salt; 16];
+    id[..8].copy_from_slice(&(n as u64 + 1).to_be_bytes());
+    let _ = getrandom::getrandom(&mut id[8..]);
+    AllocationId(id)
+}
+
+/// Streams through B1: routes registered with BIND-shaped datagrams, no API.
+pub fn b1(relay: SocketAddr, sessions: usize, payload: usize, bind_ip: &str) -> io::Result<Vec<Stream>> {
+    let mut out = Vec::with_capacity(sessions);
+    for n in 0..sessions {
+        let (hid, jid) = (random_id(n, 1), random_id(n, 2));
+        let rx = udp(&format!("{bind_ip}:0"))?;
+        let tx = udp(&format!("{bind_ip}:0"))?;
+        let key = AllocationKey([0; 64]);
+        handshake(&rx, relay, &packets::bind(&key, 1, &hid.0), 1)?;
+        handshake(&tx, relay, &packets::bind(&key, 1, &jid.0), 1)?;
+        out.push(Stream { tx, rx, dst: relay, header: relay_header(&jid, &hid, payload) });
+    }
+    Ok(out)
+}
+
+/// B0: the generator's sockets talking to each other, same datagrams, no relay.
+pub fn direct(sessions: usize, payload: usize, bind_ip: &str) -> io::Result<Vec<Stream>> {
+    (0..sessions)
+        .map(|n| {
+            let rx = udp(&format!("{bind_ip}:0"))?;
+            let tx = udp(&format!("{bind_ip}:0"))?;
+            let dst = rx.local_addr()?;
+            Ok(Stream { tx, rx, dst, header: relay_header(&random_id(n, 2), &random_id(n, 1), payload) })
+        })
+        .collect()
+}
