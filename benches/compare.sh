@@ -54,16 +54,21 @@ start() {
     turnrs)
       command -v turn-server >/dev/null || return 1
       cat > "$OUT/turn-rs.toml" <<TOML
-[turn]
+[server]
 realm = "ferry"
-[[turn.interfaces]]
+max-threads = 1
+port-range = "45001..49000"
+[[server.interfaces]]
 transport = "udp"
-bind = "127.0.0.1:13479"
+listen = "127.0.0.1:13479"
 external = "127.0.0.1:13479"
-[auth.static_credentials]
-ferry = "ferry"
+idle-timeout = 20
+mtu = 1500
 [log]
 level = "error"
+stdout = true
+[auth.static-credentials]
+ferry = "ferry"
 TOML
       taskset -c "$RELAY_CORE" turn-server --config "$OUT/turn-rs.toml" >/dev/null 2>&1 &
       PID=$!; LOAD_ARGS="--target turn --relay 127.0.0.1:13479 --relay-pid $PID" ;;

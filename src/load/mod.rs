@@ -9,6 +9,7 @@
 
 pub mod b1;
 pub mod engine;
+pub mod flood;
 pub mod report;
 pub mod setup;
 pub mod turn;
@@ -100,6 +101,13 @@ pub struct LoadArgs {
     /// Write an SVG chart of throughput and latency over time.
     #[arg(long)]
     pub chart: Option<std::path::PathBuf>,
+    /// During the measured traffic, also send this many hostile datagrams from many sources
+    /// (random bytes, bad lengths, bad-HMAC BINDs, unknown IDs, oversize) and report what came back.
+    #[arg(long, default_value_t = 0)]
+    pub flood: u64,
+    /// Source sockets the flood is spread over (127.0.x.y addresses).
+    #[arg(long, default_value_t = 64)]
+    pub flood_sources: usize,
 }
 
 fn need_relay(a: &LoadArgs) -> Result<SocketAddr, String> {
@@ -150,6 +158,19 @@ fn traffic(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
         b
     });
     let cpu_before = a.relay_pid.and_then(report::cpu_secs);
+    let flood = (a.flood > 0).then(|| {
+        let relay = streams[0].dst;
+        let known = setup::known_ids(&streams);
+        let (count, sources, warmup) = (a.flood, a.flood_sources, a.warmup);
+        let rss_before = a.relay_pid.and_then(flood::rss_kib);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(warmup + Duration::from_millis(100));
+            flood::run(relay, count, known, sources, s2)
+        });
+        (t, stop, rss_before)
+    });
     let m = engine::run(streams, &spec, |f| {
         if let Some(b) = &bar {
             b.set_position((f * 1000.0) as u64);
@@ -167,7 +188,14 @@ fn traffic(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
         _ => None,
     };
     let name = format!("{:?}", a.target).to_lowercase();
-    let s = report::Summary::new(&name, a.sessions, payload, a.rate, &m, cpu);
+    let mut s = report::Summary::new(&name, a.sessions, payload, a.rate, &m, cpu);
+    if let Some((t, stop, rss_before)) = flood {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut r = t.join().map_err(|_| "flood thread panicked")??;
+        r.relay_rss_before_kib = rss_before;
+        r.relay_rss_after_kib = a.relay_pid.and_then(flood::rss_kib);
+        s.flood = Some(r);
+    }
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {

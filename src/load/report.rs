@@ -35,6 +35,9 @@ pub struct Summary {
     pub relay_cpu_us_per_packet: Option<f64>,
     pub series_pps: Vec<f64>,
     pub series_latency_us: Vec<(f64, f64)>,
+    /// What a concurrent hostile flood sent and got back (`--flood`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flood: Option<super::flood::FloodReport>,
 }
 
 impl Summary {
@@ -73,6 +76,7 @@ impl Summary {
                 .map(|s| s * 1e6 / m.received as f64),
             series_pps: m.series_pps.iter().map(|&c| c as f64 * 10.0).collect(),
             series_latency_us: m.series_latency.clone(),
+            flood: None,
         }
     }
 
@@ -95,6 +99,15 @@ impl Summary {
         );
         if let Some(c) = self.relay_cpu_us_per_packet {
             println!("relay CPU       {c:.3} µs per delivered packet");
+        }
+        if let Some(f) = &self.flood {
+            println!(
+                "flood           {} datagrams ({} bytes) sent, {} ({} bytes) came back: {:.4} bytes out per byte in",
+                f.datagrams_sent, f.bytes_sent, f.datagrams_back, f.bytes_back, f.bytes_out_per_byte_in
+            );
+            if let (Some(b), Some(a)) = (f.relay_rss_before_kib, f.relay_rss_after_kib) {
+                println!("relay RSS       {b} KiB → {a} KiB ({:+} KiB)", a as i64 - b as i64);
+            }
         }
         if self.send_blocked > 0 {
             println!("generator       {} sends refused by a full socket buffer", self.send_blocked);

@@ -45,6 +45,15 @@ fn handshake(sock: &UdpSocket, to: SocketAddr, d: &[u8], want: u8) -> io::Result
     Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer of type {want} from {to}")))
 }
 
+/// The allocation IDs the streams' RELAY headers name (for a flood to forge).
+pub fn known_ids(streams: &[Stream]) -> Vec<AllocationId> {
+    streams
+        .iter()
+        .filter(|s| s.header.len() >= 36)
+        .flat_map(|s| [AllocationId::read(&s.header, 4), AllocationId::read(&s.header, 20)])
+        .collect()
+}
+
 pub(crate) fn relay_header(from: &AllocationId, to: &AllocationId, payload: usize) -> Vec<u8> {
     let mut h = vec![0u8; Relay::<&[u8]>::HEADER_LEN + payload];
     let _ = Relay::emit(&mut h, from, to, &vec![0u8; payload]);

@@ -232,20 +232,19 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
     let mut events = Events::with_capacity(64);
     let mut readable = true;
     loop {
-        let timeout = if readable {
-            Some(Duration::ZERO)
-        } else {
+        // While the socket is known to hold datagrams, go straight back to it: the mailbox is
+        // checked without blocking every turn, so only an idle shard waits in epoll.
+        if !readable {
             let now = clock.now();
             let wait = lp.core.poll_timeout().map_or(1000, |t| t.saturating_sub(now).min(1000));
-            Some(Duration::from_millis(wait))
-        };
-        if let Err(e) = poll.poll(&mut events, timeout) {
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            if let Err(e) = poll.poll(&mut events, Some(Duration::from_millis(wait))) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
             }
-        }
-        if events.iter().any(|e| e.token() == SOCKET) {
-            readable = true;
+            if events.iter().any(|e| e.token() == SOCKET) {
+                readable = true;
+            }
         }
 
         let now = clock.now();
