@@ -12,7 +12,7 @@ OUT="${OUT:-target/compare}"
 ROUNDS="${ROUNDS:-3}"
 DUR="${DUR:-3s}"
 SIZES="${SIZES:-64 1200}"
-TARGETS="${TARGETS:-direct b1 ferry coturn turnrs}"
+TARGETS="${TARGETS:-direct b1 ferry ferry-uring coturn turnrs}"
 RELAY_CORE="${RELAY_CORE:-0}"
 GEN_CORE="${GEN_CORE:-1}"
 mkdir -p "$OUT"
@@ -29,7 +29,16 @@ if ! command -v turn-server >/dev/null; then
 fi
 
 PID=""
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; PID=""; }
+# Stops the relay under test and waits until it is gone, so the next one can bind its port.
+cleanup() {
+  if [ -n "$PID" ]; then
+    kill "$PID" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.05; done
+    kill -9 "$PID" 2>/dev/null || true
+    wait "$PID" 2>/dev/null || true
+  fi
+  PID=""
+}
 trap cleanup EXIT
 
 # start TARGET: runs the relay pinned to RELAY_CORE; sets PID and LOAD_ARGS.
@@ -39,9 +48,11 @@ start() {
     b1)
       taskset -c "$RELAY_CORE" "$FERRY" bench-b1 --listen 127.0.0.1:19000 2>/dev/null &
       PID=$!; LOAD_ARGS="--target b1 --relay 127.0.0.1:19000 --relay-pid $PID" ;;
-    ferry)
-      taskset -c "$RELAY_CORE" "$FERRY" serve --shards 1 --pin-shards false --relay-listen 127.0.0.1:17777 \
-        --api-listen 127.0.0.1:17880 --api-rate-limit 1000000 --log-format json 2>/dev/null &
+    ferry|ferry-uring)
+      local io=batch
+      [ "$1" = ferry-uring ] && io=uring
+      taskset -c "$RELAY_CORE" "$FERRY" serve --shards 1 --pin-shards false --io "$io" --relay-listen 127.0.0.1:17777 \
+        --api-listen 127.0.0.1:17880 --api-rate-limit 1000000 --drain-timeout 0s --log-format json 2>/dev/null &
       PID=$!; LOAD_ARGS="--target ferry --api http://127.0.0.1:17880 --relay-pid $PID" ;;
     coturn)
       command -v turnserver >/dev/null || return 1
@@ -132,7 +143,7 @@ PY
   for rate in 5000 20000; do
     load "$t" "latency-$rate" --size 64 --rate "$rate" --duration "$DUR" >/dev/null || true
   done
-  if [ "$t" = ferry ] || [ "$t" = b1 ]; then
+  if [ "$t" = ferry ] || [ "$t" = ferry-uring ] || [ "$t" = b1 ]; then
     load "$t" binds --mode binds --allocations 2000 --duration 3s >/dev/null || true
   fi
   if [ "$t" = ferry ]; then

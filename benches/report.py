@@ -12,7 +12,7 @@ for line in open(results_path):
     if "result" in r:
         runs[(r["name"], r["kind"])].append(r["result"])
 
-NAMES = {"direct": "B0 direct", "b1": "B1 ideal forwarder", "ferry": "Ferry (epoll, 1 shard)", "coturn": "coturn", "turnrs": "turn-rs"}
+NAMES = {"direct": "B0 direct", "b1": "B1 ideal forwarder", "ferry": "Ferry (epoll, 1 shard)", "ferry-uring": "Ferry (io_uring, 1 shard)", "coturn": "coturn", "turnrs": "turn-rs"}
 order = [n for n in NAMES if any(k[0] == n for k in runs)]
 
 
@@ -44,7 +44,7 @@ for size in sizes:
             continue
         lines.append(
             f"| {NAMES[n]} | {fmt(pps)} | {fmt(med(n, kind, 'loss_pct'), 2)} % | {fmt(med(n, kind, 'relay_cpu_us_per_packet'), 3)} "
-            f"| {ratio(pps, b1)} | {ratio(fe, pps) if n not in ('ferry', 'direct') else '–'} | {len(runs[(n, kind)])} |"
+            f"| {ratio(pps, b1)} | {ratio(fe, pps) if n not in ('ferry', 'ferry-uring', 'direct') else '–'} | {len(runs[(n, kind)])} |"
         )
     b0 = med("direct", kind, "delivered_pps")
     top = max((med(n, kind, "delivered_pps") or 0) for n in order if n != "direct")
@@ -88,7 +88,7 @@ for rate in (5000, 20000):
 lines.append("\n### Control plane\n")
 lines.append("| measure | target | value |")
 lines.append("|---|---|---|")
-for n in ("ferry", "b1"):
+for n in ("ferry", "ferry-uring", "b1"):
     v = med(n, "binds", "binds_per_sec")
     if v:
         lines.append(f"| BINDs answered per second (one relay core) | {NAMES[n]} | {fmt(v)} |")

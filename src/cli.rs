@@ -71,7 +71,8 @@ fn log_format_arg(s: &str) -> Result<LogFormat, String> {
 fn io_arg(s: &str) -> Result<IoBackend, String> {
     match s {
         "batch" | "epoll" => Ok(IoBackend::Batch),
-        _ => Err("expected `batch`".into()),
+        "uring" | "io_uring" => Ok(IoBackend::Uring),
+        _ => Err("expected `batch` (epoll) or `uring`".into()),
     }
 }
 
@@ -104,7 +105,7 @@ pub struct ServeArgs {
     /// Steer datagrams to their owner shard in the kernel (classic BPF) [default: true].
     #[arg(long, env = "FERRY_KERNEL_STEERING")]
     pub kernel_steering: Option<bool>,
-    /// Datagram backend: batch (recvmmsg/sendmmsg on epoll) [default: batch].
+    /// Datagram backend: batch (recvmmsg/sendmmsg on epoll) or uring [default: batch].
     #[arg(long, env = "FERRY_IO", value_parser = io_arg)]
     pub io: Option<IoBackend>,
     /// Expiry of an allocation never bound [default: 60s].

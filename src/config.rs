@@ -21,6 +21,8 @@ pub enum LogFormat {
 pub enum IoBackend {
     /// recvmmsg/sendmmsg over epoll.
     Batch,
+    /// io_uring: multishot recvmsg into provided buffers, batched sendmsg from the same buffers.
+    Uring,
 }
 
 /// The complete, validated configuration of `ferry serve`.

@@ -19,6 +19,10 @@ pub fn render(shards: &[ShardStats], api: &BTreeMap<(String, u16), u64>, hosts: 
     }
     let mut o = String::with_capacity(8192);
 
+    family(&mut o, "ferry_shard_info", "gauge", "One per shard, labelled with its I/O backend.");
+    for s in shards {
+        let _ = writeln!(o, "ferry_shard_info{{shard=\"{}\",io=\"{}\"}} 1", s.shard, s.backend);
+    }
     family(&mut o, "ferry_allocations_active", "gauge", "Live allocations per shard.");
     for s in shards {
         let _ = writeln!(o, "ferry_allocations_active{{shard=\"{}\"}} {}", s.shard, s.allocations);

@@ -96,6 +96,16 @@ impl Running {
         } else {
             "single shard"
         };
+        let uring = match cfg.io {
+            crate::config::IoBackend::Batch => false,
+            crate::config::IoBackend::Uring => match crate::shard::uring_available() {
+                Ok(()) => true,
+                Err(reason) => {
+                    tracing::warn!(%reason, "io_uring is unavailable here; falling back to the epoll backend");
+                    false
+                }
+            },
+        };
         let cores =
             if cfg.pin_shards { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -109,6 +119,7 @@ impl Running {
                 clock,
                 events: ev_tx.clone(),
                 pin: (!cores.is_empty()).then(|| cores[i % cores.len()]),
+                uring,
             })
             .collect();
         let (handles, threads) = spawn_all(setups)?;
@@ -187,6 +198,7 @@ impl Running {
             advertise = %format!("{}:{}", cfg.advertise, cfg.advertise_port),
             shards = cfg.shards,
             steering,
+            io = if uring { "io_uring" } else { "epoll" },
             region = %cfg.region,
             "ferry serving"
         );

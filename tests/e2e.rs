@@ -380,3 +380,32 @@ fn load_generator_measures_a_real_relay() {
     // The relay counted what the generator saw.
     assert!(srv.metric("ferry_packets_out_total{kind=\"forward\"}") >= m.received);
 }
+
+#[test]
+fn io_uring_backend_relays_or_says_why_not() {
+    let srv = Server::start(|c| {
+        c.io = ferry::config::IoBackend::Uring;
+        c.shards = 2;
+    });
+    let expected = if ferry::shard::uring_available().is_ok() { "io_uring" } else { "epoll" };
+    assert_eq!(srv.metric(&format!("ferry_shard_info{{shard=\"0\",io=\"{expected}\"}}")), 1);
+    let api = srv.api();
+    let h = api.allocate(2, None).unwrap();
+    let code = api.join_code(&h.allocation_id).unwrap();
+    let j = api.join(&code).unwrap();
+    let host = Raw::new(&h);
+    let peer = Raw::new(&j.allocation);
+    assert_eq!(host.bind(0), BIND_RECEIVED);
+    assert_eq!(peer.bind(0), BIND_RECEIVED);
+    assert_eq!(peer.connect(&host.conn), pair(6, &host.id, &peer.id));
+    for size in [0usize, 64, 1200, 1434] {
+        let payload = vec![size as u8; size];
+        peer.relay_to(&host.id, &payload);
+        assert_eq!(host.recv(), packets::relay(&peer.id, &host.id, &payload).unwrap());
+    }
+    // Oversize and malformed datagrams are dropped and counted, not relayed.
+    peer.relay_to(&host.id, &[0u8; 1500]);
+    peer.send(&[0xDA, 0x72, 0, 10, 1]);
+    host.silent(100);
+    assert!(srv.metric("ferry_drops_total{reason=\"oversize\"}") >= 1);
+}

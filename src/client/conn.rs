@@ -216,6 +216,8 @@ impl RelayClient {
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     return Ok(None)
                 }
+                // A signal (or io_uring task work in the same process) interrupted the wait.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
             };
             if from != self.relay {

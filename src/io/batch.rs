@@ -19,7 +19,7 @@ pub struct BatchIo {
 // memory owned by `self` or borrowed for the duration of that call.
 unsafe impl Send for BatchIo {}
 
-fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+pub(crate) fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match s.ss_family as i32 {
         libc::AF_INET => {
             // SAFETY: the family says this storage holds a sockaddr_in.
@@ -43,7 +43,7 @@ fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-fn write_sockaddr(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+pub(crate) fn write_sockaddr(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
     match addr {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.

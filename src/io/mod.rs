@@ -1,7 +1,7 @@
 //! Datagram I/O backends behind one interface. The shard receives a batch into fixed buffers,
 //! decides per datagram, and sends from the same buffers: no copy, no allocation per packet.
 
-mod batch;
+pub(crate) mod batch;
 mod socket;
 
 pub use batch::BatchIo;

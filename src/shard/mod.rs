@@ -22,7 +22,11 @@ use tokio::sync::oneshot;
 use crate::clock::{Clock, Millis};
 use crate::core::{Action, Control, ControlError, ControlReply, Core, CoreConfig, Event, Stats};
 use crate::io::{BatchIo, PacketBatch, SendItem, SendReport, BATCH};
+
+mod uring;
+
 use crate::wire::{MessageType, MAX_DATAGRAM};
+pub use uring::probe as uring_available;
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -49,6 +53,8 @@ pub struct IoStats {
 #[derive(Clone, Debug, Default)]
 pub struct ShardStats {
     pub shard: usize,
+    /// `epoll` or `io_uring`.
+    pub backend: &'static str,
     pub allocations: usize,
     pub core: Stats,
     pub io: IoStats,
@@ -67,12 +73,36 @@ pub enum ShardMsg {
     Stop,
 }
 
+/// How a sleeping shard is woken: mio's waker (epoll) or an eventfd the ring polls (io_uring).
+#[derive(Clone)]
+enum Wake {
+    Mio(Arc<Waker>),
+    EventFd(Arc<std::os::fd::OwnedFd>),
+}
+
+impl Wake {
+    fn wake(&self) {
+        match self {
+            Wake::Mio(w) => {
+                let _ = w.wake();
+            }
+            Wake::EventFd(fd) => {
+                let one = 1u64;
+                // SAFETY: writing 8 bytes from a live u64 to an eventfd we own.
+                let _ = unsafe {
+                    libc::write(std::os::fd::AsRawFd::as_raw_fd(&**fd), (&one as *const u64).cast(), 8)
+                };
+            }
+        }
+    }
+}
+
 /// How the rest of the process talks to a shard.
 #[derive(Clone)]
 pub struct ShardHandle {
     pub index: usize,
     tx: Sender<ShardMsg>,
-    waker: Arc<Waker>,
+    waker: Wake,
 }
 
 impl ShardHandle {
@@ -80,7 +110,7 @@ impl ShardHandle {
     pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
         match self.tx.try_send(msg) {
             Ok(()) => {
-                let _ = self.waker.wake();
+                self.waker.wake();
                 Ok(())
             }
             Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
@@ -97,6 +127,13 @@ pub struct ShardSetup {
     pub events: tokio::sync::mpsc::UnboundedSender<(usize, Event)>,
     /// Core to pin the thread to.
     pub pin: Option<core_affinity::CoreId>,
+    /// Run the io_uring event loop instead of epoll.
+    pub uring: bool,
+}
+
+enum Driver {
+    Epoll(Poll),
+    Uring(Arc<std::os::fd::OwnedFd>),
 }
 
 /// Builds mailboxes and wakers for `setups.len()` shards, then starts one thread per shard.
@@ -105,11 +142,23 @@ pub fn spawn_all(setups: Vec<ShardSetup>) -> io::Result<(Vec<ShardHandle>, Vec<J
     let mut handles = Vec::new();
     let mut rxs = Vec::new();
     for s in &setups {
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (driver, waker) = if s.uring {
+            // SAFETY: eventfd has no memory preconditions; a negative result is checked.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a fresh descriptor nothing else owns.
+            let fd = Arc::new(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            (Driver::Uring(fd.clone()), Wake::EventFd(fd))
+        } else {
+            let poll = Poll::new()?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+            (Driver::Epoll(poll), Wake::Mio(waker))
+        };
         let (tx, rx) = crossbeam_channel::bounded(MAILBOX_CAPACITY);
         handles.push(ShardHandle { index: s.index, tx, waker });
-        polls.push(poll);
+        polls.push(driver);
         rxs.push(rx);
     }
     let mut threads = Vec::new();
@@ -118,7 +167,11 @@ pub fn spawn_all(setups: Vec<ShardSetup>) -> io::Result<(Vec<ShardHandle>, Vec<J
         let t =
             std::thread::Builder::new().name(format!("ferry-shard-{}", setup.index)).spawn(move || {
                 let index = setup.index;
-                if let Err(e) = run(setup, poll, rx, peers) {
+                let result = match poll {
+                    Driver::Epoll(poll) => run(setup, poll, rx, peers),
+                    Driver::Uring(efd) => uring::run(setup, efd, rx, peers),
+                };
+                if let Err(e) = result {
                     tracing::error!(shard = index, error = %e, "shard stopped on an I/O error");
                 }
             })?;
@@ -136,68 +189,90 @@ pub fn datagram_owner(d: &[u8], shards: u32) -> Option<usize> {
     Some((u32::from_be_bytes([w[0], w[1], w[2], w[3]]) % shards.max(1)) as usize)
 }
 
-struct Loop {
-    index: usize,
-    core: Core,
-    io: BatchIo,
-    batch: PacketBatch,
-    sends: Vec<SendItem>,
-    peers: Vec<ShardHandle>,
-    stats: IoStats,
-    events: tokio::sync::mpsc::UnboundedSender<(usize, Event)>,
+/// What both backends share: the core, the mailboxes of every shard, counters and events.
+pub(crate) struct State {
+    pub index: usize,
+    pub backend: &'static str,
+    pub core: Core,
+    pub peers: Vec<ShardHandle>,
+    pub stats: IoStats,
+    pub events: tokio::sync::mpsc::UnboundedSender<(usize, Event)>,
 }
 
-impl Loop {
-    fn count(&mut self, r: SendReport) {
+/// Where a received datagram goes.
+pub(crate) enum Verdict {
+    /// Send `len` bytes of the buffer to this address.
+    Send(SocketAddr, usize),
+    /// Nothing to send (dropped, consumed, or handed to its owner shard).
+    Done,
+}
+
+impl State {
+    pub fn count(&mut self, r: SendReport) {
         self.stats.send_dropped_full += r.would_block as u64;
         self.stats.send_errors += r.errors as u64;
     }
 
-    /// Handles one received batch of `n` datagrams.
-    fn process_batch(&mut self, now: Millis, n: usize) {
-        self.sends.clear();
+    /// Decides one received datagram: hand it to its owner shard, or let the core answer it.
+    #[inline]
+    pub fn classify(&mut self, now: Millis, src: SocketAddr, buf: &mut [u8]) -> Verdict {
         let shards = self.peers.len() as u32;
-        for i in 0..n {
-            let m = self.batch.meta[i];
-            // A truncated datagram is oversize by definition; let the core count it as such.
-            let len = if m.truncated { MAX_DATAGRAM + 1 } else { m.len };
-            let buf = &mut self.batch.bufs[i][..len];
-            if shards > 1 {
-                if let Some(owner) = datagram_owner(buf, shards).filter(|&o| o != self.index) {
-                    let msg = ShardMsg::Handoff(Handoff { src: m.src, data: buf.to_vec() });
-                    match self.peers[owner].send(msg) {
-                        Ok(()) => self.stats.handoff_out += 1,
-                        Err(_) => self.stats.handoff_dropped += 1,
-                    }
-                    continue;
+        if shards > 1 {
+            if let Some(owner) = datagram_owner(buf, shards).filter(|&o| o != self.index) {
+                let msg = ShardMsg::Handoff(Handoff { src, data: buf.to_vec() });
+                match self.peers[owner].send(msg) {
+                    Ok(()) => self.stats.handoff_out += 1,
+                    Err(_) => self.stats.handoff_dropped += 1,
                 }
-            }
-            match self.core.handle_datagram(now, m.src, buf) {
-                Action::Forward(dst) => self.sends.push(SendItem { slot: i, len, dst }),
-                Action::Reply(r) => self.sends.push(SendItem { slot: i, len: r, dst: m.src }),
-                Action::Consumed | Action::Drop(_) => {}
+                return Verdict::Done;
             }
         }
-        if !self.sends.is_empty() {
-            let r = self.io.send(&self.batch, &self.sends);
-            self.count(r);
+        match self.core.handle_datagram(now, src, buf) {
+            Action::Forward(dst) => Verdict::Send(dst, buf.len()),
+            Action::Reply(n) => Verdict::Send(src, n),
+            Action::Consumed | Action::Drop(_) => Verdict::Done,
         }
     }
 
-    fn handoff(&mut self, now: Millis, mut h: Handoff) {
-        self.stats.handoff_in += 1;
-        let src = h.src;
-        let r = match self.core.handle_datagram(now, src, &mut h.data) {
-            Action::Forward(dst) => self.io.send_one(&dst, &h.data),
-            Action::Reply(n) => self.io.send_one(&src, &h.data[..n]),
-            Action::Consumed | Action::Drop(_) => return,
-        };
-        self.count(r);
+    /// Handles mailbox messages (at most a turn's worth). Returns true on `Stop`.
+    pub fn mailbox(
+        &mut self,
+        rx: &Receiver<ShardMsg>,
+        now: Millis,
+        send_one: &mut dyn FnMut(&SocketAddr, &[u8]) -> SendReport,
+    ) -> bool {
+        for _ in 0..CONTROL_PER_TURN {
+            match rx.try_recv() {
+                Ok(ShardMsg::Control(cmd, reply)) => {
+                    let _ = reply.send(self.core.handle_control(now, cmd));
+                }
+                Ok(ShardMsg::Stats(reply)) => {
+                    let _ = reply.send(self.snapshot());
+                }
+                Ok(ShardMsg::Handoff(mut h)) => {
+                    self.stats.handoff_in += 1;
+                    let src = h.src;
+                    let r = match self.core.handle_datagram(now, src, &mut h.data) {
+                        Action::Forward(dst) => send_one(&dst, &h.data),
+                        Action::Reply(n) => send_one(&src, &h.data[..n]),
+                        Action::Consumed | Action::Drop(_) => continue,
+                    };
+                    self.count(r);
+                }
+                Ok(ShardMsg::Stop) => {
+                    self.flush_core(send_one);
+                    return true;
+                }
+                Err(_) => break,
+            }
+        }
+        false
     }
 
-    fn flush_core(&mut self) {
+    /// Sends relay-originated datagrams and forwards lifecycle events.
+    pub fn flush_core(&mut self, send_one: &mut dyn FnMut(&SocketAddr, &[u8]) -> SendReport) {
         while let Some(t) = self.core.poll_transmit() {
-            let r = self.io.send_one(&t.to, t.payload());
+            let r = send_one(&t.to, t.payload());
             self.count(r);
         }
         while let Some(e) = self.core.poll_event() {
@@ -205,9 +280,10 @@ impl Loop {
         }
     }
 
-    fn snapshot(&self) -> ShardStats {
+    pub fn snapshot(&self) -> ShardStats {
         ShardStats {
             shard: self.index,
+            backend: self.backend,
             allocations: self.core.allocations(),
             core: self.core.stats().clone(),
             io: self.stats.clone(),
@@ -219,16 +295,17 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
     let clock = setup.clock;
     let mut sock = mio::net::UdpSocket::from_std(setup.socket);
     poll.registry().register(&mut sock, SOCKET, Interest::READABLE)?;
-    let mut lp = Loop {
+    let mut st = State {
         index: setup.index,
+        backend: "epoll",
         core: Core::new(setup.core, clock.now()),
-        io: BatchIo::new(&sock),
-        batch: PacketBatch::new(),
-        sends: Vec::with_capacity(BATCH),
         peers,
         stats: IoStats::default(),
         events: setup.events,
     };
+    let mut io = BatchIo::new(&sock);
+    let mut batch = PacketBatch::new();
+    let mut sends: Vec<SendItem> = Vec::with_capacity(BATCH);
     let mut events = Events::with_capacity(64);
     let mut readable = true;
     loop {
@@ -236,7 +313,7 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
         // checked without blocking every turn, so only an idle shard waits in epoll.
         if !readable {
             let now = clock.now();
-            let wait = lp.core.poll_timeout().map_or(1000, |t| t.saturating_sub(now).min(1000));
+            let wait = st.core.poll_timeout().map_or(1000, |t| t.saturating_sub(now).min(1000));
             if let Err(e) = poll.poll(&mut events, Some(Duration::from_millis(wait))) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
@@ -247,46 +324,46 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
             }
         }
 
-        let now = clock.now();
-        for _ in 0..CONTROL_PER_TURN {
-            match rx.try_recv() {
-                Ok(ShardMsg::Control(cmd, reply)) => {
-                    let _ = reply.send(lp.core.handle_control(now, cmd));
-                }
-                Ok(ShardMsg::Stats(reply)) => {
-                    let _ = reply.send(lp.snapshot());
-                }
-                Ok(ShardMsg::Handoff(h)) => lp.handoff(now, h),
-                Ok(ShardMsg::Stop) => {
-                    lp.flush_core();
-                    return Ok(());
-                }
-                Err(_) => break,
-            }
+        if st.mailbox(&rx, clock.now(), &mut |to, d| io.send_one(to, d)) {
+            return Ok(());
         }
 
         if readable {
             readable = false;
             for _ in 0..RECV_BATCHES_PER_TURN {
-                match lp.io.recv(&mut lp.batch) {
+                match io.recv(&mut batch) {
                     Ok(0) => break,
                     Ok(n) => {
-                        lp.stats.recv_batches += 1;
+                        st.stats.recv_batches += 1;
                         let now = clock.now();
-                        lp.process_batch(now, n);
+                        sends.clear();
+                        for i in 0..n {
+                            let m = batch.meta[i];
+                            // A truncated datagram is oversize by definition; the core counts it.
+                            let len = if m.truncated { MAX_DATAGRAM + 1 } else { m.len };
+                            if let Verdict::Send(dst, len) =
+                                st.classify(now, m.src, &mut batch.bufs[i][..len])
+                            {
+                                sends.push(SendItem { slot: i, len, dst });
+                            }
+                        }
+                        if !sends.is_empty() {
+                            let r = io.send(&batch, &sends);
+                            st.count(r);
+                        }
                         // Budget may run out with datagrams still queued: come back without waiting.
                         readable = true;
                     }
                     Err(e) => {
-                        lp.stats.recv_errors += 1;
-                        tracing::warn!(shard = lp.index, error = %e, "receive failed");
+                        st.stats.recv_errors += 1;
+                        tracing::warn!(shard = st.index, error = %e, "receive failed");
                         break;
                     }
                 }
             }
         }
 
-        lp.core.handle_timeout(clock.now());
-        lp.flush_core();
+        st.core.handle_timeout(clock.now());
+        st.flush_core(&mut |to, d| io.send_one(to, d));
     }
 }

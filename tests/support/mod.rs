@@ -28,6 +28,9 @@ impl Server {
         cfg.shards =
             std::env::var("FERRY_TEST_SHARDS").ok().and_then(|s| s.parse().ok()).unwrap_or(cfg.shards);
         cfg.pin_shards = false;
+        if std::env::var("FERRY_TEST_IO").as_deref() == Ok("uring") {
+            cfg.io = ferry::config::IoBackend::Uring;
+        }
         tweak(&mut cfg);
         let cfg = cfg.validate().unwrap();
         let running = rt.block_on(Running::start(cfg)).unwrap();
