@@ -52,7 +52,7 @@ start() {
       local io=batch
       [ "$1" = ferry-uring ] && io=uring
       taskset -c "$RELAY_CORE" "$FERRY" serve --shards 1 --pin-shards false --io "$io" --relay-listen 127.0.0.1:17777 \
-        --api-listen 127.0.0.1:17880 --api-rate-limit 1000000 --drain-timeout 0s --log-format json 2>/dev/null &
+        --api-listen 127.0.0.1:17880 --api-rate-limit 1000000 --drain-timeout 0s --log-format json 2>>"$OUT/relay-$1.log" &
       PID=$!; LOAD_ARGS="--target ferry --api http://127.0.0.1:17880 --relay-pid $PID" ;;
     coturn)
       command -v turnserver >/dev/null || return 1
@@ -91,8 +91,8 @@ TOML
 load() {
   local name=$1 kind=$2; shift 2
   local line
-  if line=$(taskset -c "$GEN_CORE" "$FERRY" load $LOAD_ARGS --json "$@" 2>/dev/null); then
-    echo "{\"name\":\"$name\",\"kind\":\"$kind\",\"result\":$line}" >> "$RESULTS"
+  if line=$(taskset -c "$GEN_CORE" "$FERRY" load $LOAD_ARGS --json "$@" 2>>"$OUT/errors.log"); then
+    echo "{\"name\":\"$name\",\"kind\":\"$kind\",\"round\":${ROUND:-0},\"result\":$line}" >> "$RESULTS"
     echo "$line"
   else
     echo "{\"name\":\"$name\",\"kind\":\"$kind\",\"error\":true}" >> "$RESULTS"
@@ -105,6 +105,7 @@ delivered() { python3 -c 'import json,sys; print(int(json.loads(sys.argv[1])["de
 loss() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])["loss_pct"])' "$1"; }
 
 for round in $(seq "$ROUNDS"); do
+  ROUND=$round
   # Alternate the order of targets between rounds.
   order=$TARGETS
   [ $((round % 2)) -eq 0 ] && order=$(echo "$TARGETS" | tr ' ' '\n' | tac | tr '\n' ' ')
@@ -118,6 +119,8 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+ROUND=0
+[ "${MAX_ONLY:-0}" = 1 ] && { python3 benches/report.py "$RESULTS" "$OUT"; exit 0; }
 # Highest loss-free (<= 0.1 %) rate: bisection below each target's measured maximum.
 for t in $TARGETS; do
   start "$t" || continue

@@ -7,10 +7,20 @@ from collections import defaultdict
 
 results_path, out = sys.argv[1], sys.argv[2]
 runs = defaultdict(list)
+by_round = defaultdict(dict)
 for line in open(results_path):
     r = json.loads(line)
     if "result" in r:
         runs[(r["name"], r["kind"])].append(r["result"])
+        if r.get("round"):
+            by_round[(r["name"], r["kind"])][r["round"]] = r["result"]
+
+
+def paired(name, kind, base="b1", key="delivered_pps"):
+    """Median over rounds of name/base measured in the same round (robust to machine drift)."""
+    a, b = by_round.get((name, kind), {}), by_round.get((base, kind), {})
+    v = [a[k][key] / b[k][key] for k in a if k in b and b[k][key]]
+    return f"{statistics.median(v):.2f}× ({len(v)})" if v else "–"
 
 NAMES = {"direct": "B0 direct", "b1": "B1 ideal forwarder", "ferry": "Ferry (epoll, 1 shard)", "ferry-uring": "Ferry (io_uring, 1 shard)", "coturn": "coturn", "turnrs": "turn-rs"}
 order = [n for n in NAMES if any(k[0] == n for k in runs)]
@@ -34,8 +44,8 @@ sizes = sorted({int(k[1].split("-")[1]) for k in runs if k[1].startswith("max-")
 for size in sizes:
     kind = f"max-{size}"
     lines.append(f"\n### Maximum delivered rate, {size}-byte payload\n")
-    lines.append("| target | delivered packets/s | loss | relay CPU µs/packet | vs B1 | Ferry vs it | rounds |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| target | delivered packets/s | loss | relay CPU µs/packet | vs B1 (medians) | vs B1 (paired by round) | Ferry vs it | rounds |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     b1 = med("b1", kind, "delivered_pps")
     fe = med("ferry", kind, "delivered_pps")
     for n in order:
@@ -44,7 +54,7 @@ for size in sizes:
             continue
         lines.append(
             f"| {NAMES[n]} | {fmt(pps)} | {fmt(med(n, kind, 'loss_pct'), 2)} % | {fmt(med(n, kind, 'relay_cpu_us_per_packet'), 3)} "
-            f"| {ratio(pps, b1)} | {ratio(fe, pps) if n not in ('ferry', 'ferry-uring', 'direct') else '–'} | {len(runs[(n, kind)])} |"
+            f"| {ratio(pps, b1)} | {paired(n, kind)} | {ratio(fe, pps) if n not in ('ferry', 'ferry-uring', 'direct') else '–'} | {len(runs[(n, kind)])} |"
         )
     b0 = med("direct", kind, "delivered_pps")
     top = max((med(n, kind, "delivered_pps") or 0) for n in order if n != "direct")

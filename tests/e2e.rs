@@ -409,3 +409,27 @@ fn io_uring_backend_relays_or_says_why_not() {
     host.silent(100);
     assert!(srv.metric("ferry_drops_total{reason=\"oversize\"}") >= 1);
 }
+
+#[test]
+fn relay_rebinds_its_port_immediately_after_shutdown() {
+    // io_uring keeps registered sockets alive until its asynchronous teardown unless the shard
+    // releases them first; a restarted relay must always get its port back.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    for io in
+        [ferry::config::IoBackend::Uring, ferry::config::IoBackend::Batch, ferry::config::IoBackend::Uring]
+    {
+        for _ in 0..3 {
+            let srv = Server::start(|c| {
+                c.io = io;
+                c.shards = 1;
+                c.relay_listen = format!("127.0.0.1:{port}").parse().unwrap();
+            });
+            let a = srv.api().allocate(1, None).unwrap();
+            let raw = Raw::new(&a);
+            assert_eq!(raw.bind(0), BIND_RECEIVED);
+            raw.send(&packets::ping(&raw.id, 1));
+            raw.recv();
+            drop(srv);
+        }
+    }
+}

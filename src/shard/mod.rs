@@ -208,6 +208,24 @@ pub(crate) enum Verdict {
 }
 
 impl State {
+    fn new(
+        setup_index: usize,
+        backend: &'static str,
+        core: CoreConfig,
+        now: Millis,
+        peers: Vec<ShardHandle>,
+        events: tokio::sync::mpsc::UnboundedSender<(usize, Event)>,
+    ) -> Self {
+        Self {
+            index: setup_index,
+            backend,
+            core: Core::new(core, now),
+            peers,
+            stats: IoStats::default(),
+            events,
+        }
+    }
+
     pub fn count(&mut self, r: SendReport) {
         self.stats.send_dropped_full += r.would_block as u64;
         self.stats.send_errors += r.errors as u64;
@@ -295,14 +313,7 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
     let clock = setup.clock;
     let mut sock = mio::net::UdpSocket::from_std(setup.socket);
     poll.registry().register(&mut sock, SOCKET, Interest::READABLE)?;
-    let mut st = State {
-        index: setup.index,
-        backend: "epoll",
-        core: Core::new(setup.core, clock.now()),
-        peers,
-        stats: IoStats::default(),
-        events: setup.events,
-    };
+    let mut st = State::new(setup.index, "epoll", setup.core, clock.now(), peers, setup.events);
     let mut io = BatchIo::new(&sock);
     let mut batch = PacketBatch::new();
     let mut sends: Vec<SendItem> = Vec::with_capacity(BATCH);

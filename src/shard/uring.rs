@@ -19,8 +19,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use io_uring::{cqueue, opcode, types, IoUring};
 
-use super::{IoStats, ShardHandle, ShardMsg, ShardSetup, State, Verdict};
-use crate::core::Core;
+use super::{ShardHandle, ShardMsg, ShardSetup, State, Verdict};
 use crate::io::batch::{to_socket_addr, write_sockaddr};
 use crate::io::SendReport;
 use crate::wire::MAX_DATAGRAM;
@@ -37,6 +36,7 @@ const TAG: u64 = 0xFFFF_FFFF << 32;
 const RECV: u64 = 1 << 32;
 const SEND: u64 = 2 << 32;
 const WAKE: u64 = 3 << 32;
+const CANCEL: u64 = 4 << 32;
 
 /// The provided-buffer ring and the memory behind it.
 struct BufRing {
@@ -169,6 +169,37 @@ fn parse_name(name: &[u8]) -> Option<SocketAddr> {
     to_socket_addr(&ss)
 }
 
+/// Cancels the multishot requests and releases the registered socket before the ring is
+/// dropped. The kernel tears a ring down asynchronously after close; without this, the socket
+/// (and its port) could outlive the process by a moment and a restarted relay fail to bind.
+fn teardown(ring: &mut IoUring) {
+    for target in [RECV, WAKE] {
+        let sqe = opcode::AsyncCancel::new(target).build().user_data(CANCEL);
+        // SAFETY: a cancel request refers to no memory.
+        let _ = unsafe { ring.submission().push(&sqe) };
+    }
+    // Wait (bounded) until both multishot requests have reported their final completion and
+    // every in-flight send has completed.
+    let (mut recv_done, mut wake_done) = (false, false);
+    for _ in 0..100 {
+        let ts = types::Timespec::new().nsec(10_000_000);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        let _ = ring.submitter().submit_with_args(1, &args);
+        for cqe in ring.completion() {
+            let last = !cqueue::more(cqe.flags());
+            match cqe.user_data() & TAG {
+                RECV if last => recv_done = true,
+                WAKE if last => wake_done = true,
+                _ => {}
+            }
+        }
+        if recv_done && wake_done {
+            break;
+        }
+    }
+    let _ = ring.submitter().unregister_files();
+}
+
 pub(super) fn run(
     setup: ShardSetup,
     efd: Arc<OwnedFd>,
@@ -205,14 +236,7 @@ pub(super) fn run(
         ring.submission().push(&recv_sqe).map_err(io::Error::other)?;
         ring.submission().push(&wake_sqe).map_err(io::Error::other)?;
     }
-    let mut st = State {
-        index: setup.index,
-        backend: "io_uring",
-        core: Core::new(setup.core, clock.now()),
-        peers,
-        stats: IoStats::default(),
-        events: setup.events,
-    };
+    let mut st = State::new(setup.index, "io_uring", setup.core, clock.now(), peers, setup.events);
     let mut send_one = |to: &SocketAddr, d: &[u8]| sendto(sock_fd, to, d);
     tracing::debug!(shard = st.index, "io_uring event loop");
 
@@ -329,6 +353,7 @@ pub(super) fn run(
             let _ = unsafe { libc::read(efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
         }
         if st.mailbox(&rx, clock.now(), &mut send_one) {
+            teardown(&mut ring);
             return Ok(());
         }
         st.core.handle_timeout(clock.now());
