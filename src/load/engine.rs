@@ -102,7 +102,11 @@ pub fn run(
 
     let mut txs = Vec::new();
     let mut rxs = Vec::new();
+    let mut keepalives = Vec::new();
     for s in streams {
+        if let Some(k) = s.keepalive {
+            keepalives.push((s.rx.try_clone()?, s.dst, k));
+        }
         txs.push((s.tx, s.dst, s.header));
         rxs.push(s.rx);
     }
@@ -144,7 +148,14 @@ pub fn run(
                 Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 2).map_err(std::io::Error::other)?;
             let mut cur_sec = 0usize;
             let mut ready: Vec<usize> = (0..socks.len()).collect();
+            let mut last_keepalive = clock.nanos();
             loop {
+                if clock.nanos() - last_keepalive > 2_000_000_000 {
+                    last_keepalive = clock.nanos();
+                    for (sock, dst, ping) in &keepalives {
+                        let _ = sock.send_to(ping, *dst);
+                    }
+                }
                 let finished = done.load(Ordering::Acquire);
                 poll.poll(&mut events, Some(Duration::from_millis(if finished { 200 } else { 20 })))?;
                 ready.extend(events.iter().map(|e| e.token().0));

@@ -20,6 +20,9 @@ pub struct Stream {
     pub dst: SocketAddr,
     /// Bytes before the payload (a RELAY header, or a TURN ChannelData header).
     pub header: Vec<u8>,
+    /// What the receiver sends to `dst` every few seconds to stay alive (Ferry: a PING, as Unity
+    /// Transport sends after 3 s of silence; its allocation would otherwise idle out).
+    pub keepalive: Option<Vec<u8>>,
 }
 
 fn udp(local: &str) -> io::Result<UdpSocket> {
@@ -97,7 +100,8 @@ pub fn ferry(
         handshake(&tx, relay, &packets::connect_request(&jid, &hconn), 6)?;
         // The host speaks once, so its address is confirmed for relayed traffic.
         rx.send_to(&packets::ping(&hid, 1), relay)?;
-        out.push(Stream { tx, rx, dst: relay, header: relay_header(&jid, &hid, payload) });
+        let keepalive = Some(packets::ping(&hid, 1));
+        out.push(Stream { tx, rx, dst: relay, header: relay_header(&jid, &hid, payload), keepalive });
     }
     Ok(out)
 }
@@ -119,7 +123,7 @@ pub fn b1(relay: SocketAddr, sessions: usize, payload: usize, bind_ip: &str) -> 
         let key = AllocationKey([0; 64]);
         handshake(&rx, relay, &packets::bind(&key, 1, &hid.0), 1)?;
         handshake(&tx, relay, &packets::bind(&key, 1, &jid.0), 1)?;
-        out.push(Stream { tx, rx, dst: relay, header: relay_header(&jid, &hid, payload) });
+        out.push(Stream { tx, rx, dst: relay, header: relay_header(&jid, &hid, payload), keepalive: None });
     }
     Ok(out)
 }
@@ -131,7 +135,13 @@ pub fn direct(sessions: usize, payload: usize, bind_ip: &str) -> io::Result<Vec<
             let rx = udp(&format!("{bind_ip}:0"))?;
             let tx = udp(&format!("{bind_ip}:0"))?;
             let dst = rx.local_addr()?;
-            Ok(Stream { tx, rx, dst, header: relay_header(&random_id(n, 2), &random_id(n, 1), payload) })
+            Ok(Stream {
+                tx,
+                rx,
+                dst,
+                header: relay_header(&random_id(n, 2), &random_id(n, 1), payload),
+                keepalive: None,
+            })
         })
         .collect()
 }

@@ -216,7 +216,7 @@ pub fn streams(
         rx.bind_channel(tx.relayed)?;
         let mut header = CHANNEL.to_be_bytes().to_vec();
         header.extend_from_slice(&(payload as u16).to_be_bytes());
-        out.push(Stream { tx: tx.sock, rx: rx.sock, dst: server, header });
+        out.push(Stream { tx: tx.sock, rx: rx.sock, dst: server, header, keepalive: None });
     }
     Ok(out)
 }
