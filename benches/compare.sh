@@ -4,8 +4,10 @@
 # the generator to core 1; targets alternate within each round. Results land in $OUT (JSON lines,
 # a markdown report and SVG charts); `benches/report.py` turns them into BENCHMARKS.md's tables.
 #
-#   benches/compare.sh                 # full comparison (about 10 minutes on 2 cores)
-#   ROUNDS=1 QUICK=1 benches/compare.sh
+#   benches/compare.sh                                  # everything (about 12 minutes on 2 cores)
+#   PHASES="max latency" TARGETS="b1 ferry" benches/compare.sh
+# Phases: max (maximum rate, ROUNDS rounds), lossfree (bisection), latency (fixed loads, ROUNDS
+# rounds), control (binds/s, allocations/s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-target/compare}"
@@ -13,6 +15,8 @@ ROUNDS="${ROUNDS:-3}"
 DUR="${DUR:-3s}"
 SIZES="${SIZES:-64 1200}"
 TARGETS="${TARGETS:-direct b1 ferry ferry-uring coturn turnrs}"
+PHASES="${PHASES:-max lossfree latency control}"
+has() { case " $PHASES " in *" $1 "*) return 0 ;; esac; return 1; }
 RELAY_CORE="${RELAY_CORE:-0}"
 GEN_CORE="${GEN_CORE:-1}"
 mkdir -p "$OUT"
@@ -105,6 +109,7 @@ delivered() { python3 -c 'import json,sys; print(int(json.loads(sys.argv[1])["de
 loss() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])["loss_pct"])' "$1"; }
 
 for round in $(seq "$ROUNDS"); do
+  has max || break
   ROUND=$round
   # Alternate the order of targets between rounds.
   order=$TARGETS
@@ -120,9 +125,9 @@ for round in $(seq "$ROUNDS"); do
 done
 
 ROUND=0
-[ "${MAX_ONLY:-0}" = 1 ] && { python3 benches/report.py "$RESULTS" "$OUT"; exit 0; }
 # Highest loss-free (<= 0.1 %) rate: bisection below each target's measured maximum.
 for t in $TARGETS; do
+  has lossfree || break
   start "$t" || continue
   for size in $SIZES; do
     hi=$(python3 - "$RESULTS" "$t" "$size" <<'PY'
@@ -142,13 +147,28 @@ PY
     echo "{\"name\":\"$t\",\"kind\":\"lossfree-$size\",\"result\":{\"rate\":$lo}}" >> "$RESULTS"
     echo "$t $size B: loss-free up to $lo pps"
   done
-  # Latency at fixed offered loads.
-  for rate in 5000 20000; do
-    load "$t" "latency-$rate" --size 64 --rate "$rate" --duration "$DUR" >/dev/null || true
+  cleanup
+done
+
+# Latency at fixed offered loads, targets alternating within each round.
+for round in $(seq "$ROUNDS"); do
+  has latency || break
+  ROUND=$round
+  for t in $TARGETS; do
+    start "$t" || continue
+    for rate in 5000 20000; do
+      load "$t" "latency-$rate" --size 64 --rate "$rate" --duration "$DUR" >/dev/null || true
+    done
+    cleanup
   done
-  if [ "$t" = ferry ] || [ "$t" = ferry-uring ] || [ "$t" = b1 ]; then
-    load "$t" binds --mode binds --allocations 2000 --duration 3s >/dev/null || true
-  fi
+done
+ROUND=0
+
+for t in $TARGETS; do
+  has control || break
+  case "$t" in ferry|ferry-uring|b1) ;; *) continue ;; esac
+  start "$t" || continue
+  load "$t" binds --mode binds --allocations 2000 --duration 3s >/dev/null || true
   if [ "$t" = ferry ]; then
     load "$t" allocations --mode allocations --clients 4 --duration 3s >/dev/null || true
   fi

@@ -18,8 +18,9 @@ for line in open(results_path):
 
 def paired(name, kind, base="b1", key="delivered_pps"):
     """Median over rounds of name/base measured in the same round (robust to machine drift)."""
+    get = (lambda r: r["latency"][key]) if key.endswith("_us") else (lambda r: r[key])
     a, b = by_round.get((name, kind), {}), by_round.get((base, kind), {})
-    v = [a[k][key] / b[k][key] for k in a if k in b and b[k][key]]
+    v = [get(a[k]) / get(b[k]) for k in a if k in b and get(b[k])]
     return f"{statistics.median(v):.2f}× ({len(v)})" if v else "–"
 
 NAMES = {"direct": "B0 direct", "b1": "B1 ideal forwarder", "ferry": "Ferry (epoll, 1 shard)", "ferry-uring": "Ferry (io_uring, 1 shard)", "coturn": "coturn", "turnrs": "turn-rs"}
@@ -82,8 +83,8 @@ for rate in (5000, 20000):
     if not any(k[1] == kind for k in runs):
         continue
     lines.append(f"\n### One-way latency at {rate:,} packets/s offered (64 B)\n")
-    lines.append("| target | p50 µs | p99 µs | p99.9 µs | loss | p99 vs B1 |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("| target | p50 µs | p99 µs | p99.9 µs | loss | p99 vs B1 (medians) | p99 vs B1 (paired by round) | rounds |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     b1p99 = None
     v = [r["latency"]["p99_us"] for r in runs.get(("b1", kind), [])]
     if v:
@@ -93,7 +94,10 @@ for rate in (5000, 20000):
         if not rs:
             continue
         p = lambda q: statistics.median(r["latency"][q] for r in rs)
-        lines.append(f"| {NAMES[n]} | {p('p50_us'):.1f} | {p('p99_us'):.1f} | {p('p999_us'):.1f} | {statistics.median(r['loss_pct'] for r in rs):.2f} % | {ratio(p('p99_us'), b1p99)} |")
+        lines.append(
+            f"| {NAMES[n]} | {p('p50_us'):.1f} | {p('p99_us'):.1f} | {p('p999_us'):.1f} | {statistics.median(r['loss_pct'] for r in rs):.2f} % "
+            f"| {ratio(p('p99_us'), b1p99)} | {paired(n, kind, key='p99_us')} | {len(rs)} |"
+        )
 
 lines.append("\n### Control plane\n")
 lines.append("| measure | target | value |")
@@ -106,6 +110,8 @@ v = med("ferry", "allocations", "allocations_per_sec")
 if v:
     lines.append(f"| allocations per second through the HTTP API (4 clients) | {NAMES['ferry']} | {fmt(v)} |")
 
+import os
+os.makedirs(out, exist_ok=True)
 open(f"{out}/report.md", "w").write("\n".join(lines) + "\n")
 
 # Bar chart: max delivered packets/s per target and size.

@@ -261,11 +261,13 @@ pub fn run(
             let due = ((now - start) as u128 * spec.rate as u128 / 1_000_000_000) as u64;
             let d = due.saturating_sub(sent_total);
             if d == 0 {
-                let wait = 1_000_000_000 / spec.rate.max(1);
-                if wait > 200_000 {
-                    std::thread::sleep(Duration::from_nanos(wait / 2));
+                // Never spin: the receiver shares this core and must not wait for our time slice.
+                let next_due = start + ((sent_total + 1) as u128 * 1_000_000_000 / spec.rate as u128) as u64;
+                let wait = next_due.saturating_sub(now);
+                if wait > 20_000 {
+                    std::thread::sleep(Duration::from_nanos(wait));
                 } else {
-                    std::hint::spin_loop();
+                    std::thread::yield_now();
                 }
                 continue;
             }
