@@ -23,7 +23,7 @@ def paired(name, kind, base="b1", key="delivered_pps"):
     v = [get(a[k]) / get(b[k]) for k in a if k in b and get(b[k])]
     return f"{statistics.median(v):.2f}× ({len(v)})" if v else "–"
 
-NAMES = {"direct": "B0 direct", "b1": "B1 ideal forwarder", "ferry": "Ferry (epoll, 1 shard)", "ferry-uring": "Ferry (io_uring, 1 shard)", "coturn": "coturn", "turnrs": "turn-rs"}
+NAMES = {"direct": "B0 direct", "b1": "B1 ideal forwarder", "ferry": "Ferry (epoll, 1 shard)", "ferry-uring": "Ferry (io_uring, 1 shard)", "ferry-uring-gso": "Ferry (io_uring + GSO, 1 shard)", "coturn": "coturn", "turnrs": "turn-rs"}
 order = [n for n in NAMES if any(k[0] == n for k in runs)]
 
 
@@ -55,7 +55,7 @@ for size in sizes:
             continue
         lines.append(
             f"| {NAMES[n]} | {fmt(pps)} | {fmt(med(n, kind, 'loss_pct'), 2)} % | {fmt(med(n, kind, 'relay_cpu_us_per_packet'), 3)} "
-            f"| {ratio(pps, b1)} | {paired(n, kind)} | {ratio(fe, pps) if n not in ('ferry', 'ferry-uring', 'direct') else '–'} | {len(runs[(n, kind)])} |"
+            f"| {ratio(pps, b1)} | {paired(n, kind)} | {ratio(fe, pps) if not n.startswith('ferry') and n != 'direct' else '–'} | {len(runs[(n, kind)])} |"
         )
     b0 = med("direct", kind, "delivered_pps")
     top = max((med(n, kind, "delivered_pps") or 0) for n in order if n != "direct")
@@ -102,7 +102,7 @@ for rate in (5000, 20000):
 lines.append("\n### Control plane\n")
 lines.append("| measure | target | value |")
 lines.append("|---|---|---|")
-for n in ("ferry", "ferry-uring", "b1"):
+for n in ("ferry", "ferry-uring", "ferry-uring-gso", "b1"):
     v = med(n, "binds", "binds_per_sec")
     if v:
         lines.append(f"| BINDs answered per second (one relay core) | {NAMES[n]} | {fmt(v)} |")

@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// Steer datagrams to their owner shard in the kernel (classic BPF) [default: true].
     #[arg(long, env = "FERRY_KERNEL_STEERING")]
     pub kernel_steering: Option<bool>,
+    /// With --io uring, send runs of same-size datagrams to one destination as one UDP GSO send
+    /// [default: true].
+    #[arg(long, env = "FERRY_GSO")]
+    pub gso: Option<bool>,
     /// Datagram backend: batch (recvmmsg/sendmmsg on epoll) or uring [default: batch].
     #[arg(long, env = "FERRY_IO", value_parser = io_arg)]
     pub io: Option<IoBackend>,
@@ -195,6 +199,7 @@ struct FileConfig {
     shards: Option<usize>,
     pin_shards: Option<bool>,
     kernel_steering: Option<bool>,
+    gso: Option<bool>,
     io: Option<IoBackend>,
     unbound_timeout: Option<FileDuration>,
     idle_timeout: Option<FileDuration>,
@@ -272,6 +277,7 @@ impl ServeArgs {
             shards,
             pin_shards,
             kernel_steering,
+            gso,
             io,
             max_connections_cap,
             max_allocations,

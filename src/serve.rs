@@ -120,6 +120,7 @@ impl Running {
                 events: ev_tx.clone(),
                 pin: (!cores.is_empty()).then(|| cores[i % cores.len()]),
                 uring,
+                gso: uring && cfg.gso,
             })
             .collect();
         let (handles, threads) = spawn_all(setups)?;

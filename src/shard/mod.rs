@@ -47,6 +47,8 @@ pub struct IoStats {
     pub handoff_out: u64,
     pub handoff_in: u64,
     pub handoff_dropped: u64,
+    /// GSO sends (each a run of same-size datagrams to one destination).
+    pub gso_sends: u64,
 }
 
 /// A snapshot of one shard.
@@ -129,6 +131,8 @@ pub struct ShardSetup {
     pub pin: Option<core_affinity::CoreId>,
     /// Run the io_uring event loop instead of epoll.
     pub uring: bool,
+    /// Send runs of same-size datagrams to one destination with UDP GSO (io_uring loop).
+    pub gso: bool,
 }
 
 enum Driver {

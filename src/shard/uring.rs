@@ -37,6 +37,11 @@ const RECV: u64 = 1 << 32;
 const SEND: u64 = 2 << 32;
 const WAKE: u64 = 3 << 32;
 const CANCEL: u64 = 4 << 32;
+const GSO_SEND: u64 = 5 << 32;
+/// Most segments in one GSO send (the kernel's UDP_MAX_SEGMENTS is at least 64).
+const GSO_MAX_SEGS: usize = 64;
+/// Most payload bytes in one GSO send.
+const GSO_MAX_BYTES: usize = 63 * 1024;
 
 /// The provided-buffer ring and the memory behind it.
 struct BufRing {
@@ -113,6 +118,40 @@ struct SendSlot {
     hdr: libc::msghdr,
     iov: libc::iovec,
     addr: libc::sockaddr_storage,
+}
+
+/// One GSO send in flight: a run of same-size datagrams to one destination, each payload still in
+/// its own receive buffer (one iovec each), sent with a `UDP_SEGMENT` control message.
+struct GsoSlot {
+    hdr: libc::msghdr,
+    iovs: [libc::iovec; GSO_MAX_SEGS],
+    addr: libc::sockaddr_storage,
+    /// Room for one `cmsghdr` carrying a u16, 8-byte aligned.
+    cmsg: [u64; 4],
+    bids: Vec<u16>,
+}
+
+impl GsoSlot {
+    fn new() -> Box<Self> {
+        Box::new(Self {
+            // SAFETY: all-zero is valid for these C structs.
+            hdr: unsafe { std::mem::zeroed() },
+            // SAFETY: as above.
+            iovs: unsafe { std::mem::zeroed() },
+            // SAFETY: as above.
+            addr: unsafe { std::mem::zeroed() },
+            cmsg: [0; 4],
+            bids: Vec::with_capacity(GSO_MAX_SEGS),
+        })
+    }
+}
+
+/// A datagram the shard decided to send this turn.
+#[derive(Clone, Copy)]
+struct Pending {
+    bid: u16,
+    dst: SocketAddr,
+    len: usize,
 }
 
 /// Whether this kernel offers what the loop needs (multishot recvmsg, provided-buffer rings).
@@ -238,6 +277,10 @@ pub(super) fn run(
     }
     let mut st = State::new(setup.index, "io_uring", setup.core, clock.now(), peers, setup.events);
     let mut send_one = |to: &SocketAddr, d: &[u8]| sendto(sock_fd, to, d);
+    let mut gso = setup.gso;
+    let mut gso_slots: Vec<Box<GsoSlot>> = Vec::new();
+    let mut gso_free: Vec<usize> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::with_capacity(BUFS as usize);
     tracing::debug!(shard = st.index, "io_uring event loop");
 
     loop {
@@ -288,24 +331,7 @@ pub(super) fn run(
                         None => Verdict::Done,
                     };
                     match verdict {
-                        Verdict::Send(dst, n) => {
-                            let slot = &mut slots[bid as usize];
-                            let alen = write_sockaddr(&dst, &mut slot.addr);
-                            slot.iov =
-                                libc::iovec { iov_base: buf[PAYLOAD..].as_mut_ptr().cast(), iov_len: n };
-                            slot.hdr.msg_name = (&mut slot.addr as *mut libc::sockaddr_storage).cast();
-                            slot.hdr.msg_namelen = alen;
-                            slot.hdr.msg_iov = &mut slot.iov;
-                            slot.hdr.msg_iovlen = 1;
-                            let sqe =
-                                opcode::SendMsg::new(fd, &slot.hdr).build().user_data(SEND | bid as u64);
-                            // SAFETY: the slot and the buffer stay untouched until this send completes.
-                            while unsafe { sq.push(&sqe) }.is_err() {
-                                sq.sync();
-                                submitter.submit()?;
-                                sq.sync();
-                            }
-                        }
+                        Verdict::Send(dst, len) => pending.push(Pending { bid, dst, len }),
                         Verdict::Done => {
                             bufs.push(bid);
                             recycled = true;
@@ -323,6 +349,27 @@ pub(super) fn run(
                     bufs.push(ud as u16);
                     recycled = true;
                 }
+                GSO_SEND => {
+                    let i = (ud & 0xFFFF_FFFF) as usize;
+                    let slot = &mut gso_slots[i];
+                    if res < 0 {
+                        if res == -libc::EAGAIN {
+                            st.stats.send_dropped_full += slot.bids.len() as u64;
+                        } else {
+                            st.stats.send_errors += slot.bids.len() as u64;
+                            if gso && matches!(-res, libc::EIO | libc::EINVAL | libc::EOPNOTSUPP) {
+                                tracing::warn!(shard = st.index, error = %io::Error::from_raw_os_error(-res), "UDP GSO refused; sending datagrams one by one");
+                                gso = false;
+                            }
+                        }
+                    }
+                    for &bid in &slot.bids {
+                        bufs.push(bid);
+                    }
+                    slot.bids.clear();
+                    gso_free.push(i);
+                    recycled = true;
+                }
                 WAKE => {
                     woke = true;
                     rearm_wake |= !cqueue::more(flags);
@@ -330,6 +377,82 @@ pub(super) fn run(
                 _ => {}
             }
         }
+        // Send this turn's datagrams: runs of same-size datagrams to one destination as one GSO
+        // send where enabled, everything else one sendmsg each.
+        let mut i = 0;
+        while i < pending.len() {
+            let first = pending[i];
+            let mut end = i + 1;
+            if gso {
+                let mut bytes = first.len;
+                while end < pending.len()
+                    && end - i < GSO_MAX_SEGS
+                    && pending[end].dst == first.dst
+                    && pending[end].len <= first.len
+                    && bytes + pending[end].len <= GSO_MAX_BYTES
+                {
+                    bytes += pending[end].len;
+                    end += 1;
+                    // Only the last segment of a run may be shorter.
+                    if pending[end - 1].len < first.len {
+                        break;
+                    }
+                }
+            }
+            let sqe = if end - i == 1 {
+                let slot = &mut slots[first.bid as usize];
+                let alen = write_sockaddr(&first.dst, &mut slot.addr);
+                slot.iov = libc::iovec {
+                    iov_base: bufs.buf(first.bid)[PAYLOAD..].as_mut_ptr().cast(),
+                    iov_len: first.len,
+                };
+                slot.hdr.msg_name = (&mut slot.addr as *mut libc::sockaddr_storage).cast();
+                slot.hdr.msg_namelen = alen;
+                slot.hdr.msg_iov = &mut slot.iov;
+                slot.hdr.msg_iovlen = 1;
+                opcode::SendMsg::new(fd, &slot.hdr).build().user_data(SEND | first.bid as u64)
+            } else {
+                let gi = gso_free.pop().unwrap_or_else(|| {
+                    gso_slots.push(GsoSlot::new());
+                    gso_slots.len() - 1
+                });
+                let slot = &mut gso_slots[gi];
+                slot.bids.clear();
+                for (k, p) in pending[i..end].iter().enumerate() {
+                    slot.iovs[k] = libc::iovec {
+                        iov_base: bufs.buf(p.bid)[PAYLOAD..].as_mut_ptr().cast(),
+                        iov_len: p.len,
+                    };
+                    slot.bids.push(p.bid);
+                }
+                let alen = write_sockaddr(&first.dst, &mut slot.addr);
+                slot.hdr.msg_name = (&mut slot.addr as *mut libc::sockaddr_storage).cast();
+                slot.hdr.msg_namelen = alen;
+                slot.hdr.msg_iov = slot.iovs.as_mut_ptr();
+                slot.hdr.msg_iovlen = end - i;
+                slot.hdr.msg_control = slot.cmsg.as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE is a pure size computation.
+                slot.hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
+                // SAFETY: msg_control points at 32 aligned bytes, enough for one cmsghdr + u16.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(&slot.hdr);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), first.len as u16);
+                }
+                st.stats.gso_sends += 1;
+                opcode::SendMsg::new(fd, &slot.hdr).build().user_data(GSO_SEND | gi as u64)
+            };
+            // SAFETY: the slot and the buffers stay untouched until this send completes.
+            while unsafe { sq.push(&sqe) }.is_err() {
+                sq.sync();
+                submitter.submit()?;
+                sq.sync();
+            }
+            i = end;
+        }
+        pending.clear();
         if got {
             st.stats.recv_batches += 1;
         }
