@@ -29,7 +29,8 @@ if ! command -v turnserver >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq coturn) >/dev/null 2>&1 || true
 fi
 if ! command -v turn-server >/dev/null; then
-  cargo install turn-server --locked --quiet >/dev/null 2>&1 || true
+  # The default `api` feature needs protoc; the relay itself needs only UDP.
+  cargo install turn-server --locked --no-default-features --features udp --quiet >/dev/null 2>&1 || true
 fi
 
 PID=""
