@@ -252,9 +252,11 @@ impl Running {
 pub async fn serve_until_signal(cfg: Config) -> io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let drain = cfg.drain_timeout;
-    let running = Running::start(cfg).await?;
+    // Handlers first: from the moment "ferry serving" is logged, a signal means "drain", never
+    // the default action. A signal that arrives during start-up is kept and handled right after.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let running = Running::start(cfg).await?;
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},

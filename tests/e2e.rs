@@ -58,7 +58,7 @@ fn host_and_three_joiners_with_utp_datagrams() {
 
 #[test]
 fn every_error_path_over_sockets() {
-    let srv = Server::start(|c| c.idle_timeout = Duration::from_millis(400));
+    let srv = Server::start(|c| c.idle_timeout = Duration::from_millis(1000));
     let api = srv.api();
     let host_alloc = api.allocate(2, None).unwrap();
     let host = Raw::new(&host_alloc);
@@ -95,7 +95,7 @@ fn every_error_path_over_sockets() {
     j.send(&packets::ping(&ghost, 1));
     assert_eq!(j.recv(), error(&ghost, ErrorCode::AllocationNotFound));
     // 1: timed out (the host keeps pinging; the joiner goes quiet past idle_timeout).
-    for _ in 0..8 {
+    for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(100));
         host.send(&packets::ping(&host.id, 1));
         host.recv();
@@ -366,14 +366,14 @@ fn load_generator_measures_a_real_relay() {
     let streams = setup::ferry(&srv.api(), None, 3, 100, "127.0.0.1").unwrap();
     let spec = engine::TrafficSpec {
         payload: 100,
-        rate: 3000,
+        rate: 2000,
         duration: Duration::from_millis(800),
         warmup: Duration::from_millis(200),
         pin_sender: None,
         pin_receiver: None,
     };
     let m = engine::run(streams, &spec, |_| {}).unwrap();
-    assert!(m.sent > 500, "sent {}", m.sent);
+    assert!(m.sent > 300, "sent {}", m.sent);
     assert!(m.received * 100 >= m.sent * 99, "received {} of {}", m.received, m.sent);
     assert_eq!(m.duplicates, 0);
     assert_eq!(m.latency_ns.len(), m.received);

@@ -141,7 +141,8 @@ fn second_signal_exits_at_once() {
     host.bind().unwrap();
     signal(&p, libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(p.child.try_wait().unwrap().is_none(), "draining, not gone");
+    let early = p.child.try_wait().unwrap();
+    assert!(early.is_none(), "draining, not gone: {early:?}");
     signal(&p, libc::SIGINT);
     assert_eq!(wait_exit(&mut p, 10), Some(0));
 }

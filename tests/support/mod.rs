@@ -91,7 +91,8 @@ impl Raw {
         let ep = &a.server_endpoints[0];
         let relay: SocketAddr = format!("{}:{}", ep.host, ep.port).parse().unwrap();
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        // Generous: only a failing test ever waits this long, and CI machines can be loaded.
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         Self {
             sock,
             relay,
@@ -121,7 +122,7 @@ impl Raw {
         self.sock.set_read_timeout(Some(Duration::from_millis(ms))).unwrap();
         let mut buf = [0u8; 2048];
         let got = self.sock.recv_from(&mut buf);
-        self.sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        self.sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         assert!(got.is_err(), "unexpected datagram {:02x?}", got.map(|(n, _)| buf[..n].to_vec()));
     }
 
