@@ -389,15 +389,7 @@ fn io_uring_backend_relays_or_says_why_not() {
     });
     let expected = if ferry::shard::uring_available().is_ok() { "io_uring" } else { "epoll" };
     assert_eq!(srv.metric(&format!("ferry_shard_info{{shard=\"0\",io=\"{expected}\"}}")), 1);
-    let api = srv.api();
-    let h = api.allocate(2, None).unwrap();
-    let code = api.join_code(&h.allocation_id).unwrap();
-    let j = api.join(&code).unwrap();
-    let host = Raw::new(&h);
-    let peer = Raw::new(&j.allocation);
-    assert_eq!(host.bind(0), BIND_RECEIVED);
-    assert_eq!(peer.bind(0), BIND_RECEIVED);
-    assert_eq!(peer.connect(&host.conn), pair(6, &host.id, &peer.id));
+    let (host, peer) = raw_session(&srv);
     for size in [0usize, 64, 1200, 1434] {
         let payload = vec![size as u8; size];
         peer.relay_to(&host.id, &payload);
@@ -441,15 +433,7 @@ fn gso_bursts_arrive_as_separate_unchanged_datagrams() {
         c.gso = true;
         c.shards = 1;
     });
-    let api = srv.api();
-    let h = api.allocate(2, None).unwrap();
-    let code = api.join_code(&h.allocation_id).unwrap();
-    let j = api.join(&code).unwrap();
-    let host = Raw::new(&h);
-    let peer = Raw::new(&j.allocation);
-    host.bind(0);
-    peer.bind(0);
-    assert_eq!(peer.connect(&host.conn), pair(6, &host.id, &peer.id));
+    let (host, peer) = raw_session(&srv);
     host.send(&packets::ping(&host.id, 1));
     host.recv();
     // Same-size runs, a shorter last segment, then a size change: every datagram must arrive on

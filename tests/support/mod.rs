@@ -163,3 +163,17 @@ pub fn pair(ty: u8, from: &AllocationId, to: &AllocationId) -> Vec<u8> {
 pub fn b64(s: &str) -> Vec<u8> {
     B64.decode(s).unwrap()
 }
+
+/// A host and a joiner through the API, both bound and connected, as raw UTP-shaped clients.
+pub fn raw_session(srv: &Server) -> (Raw, Raw) {
+    let api = srv.api();
+    let h = api.allocate(2, None).unwrap();
+    let code = api.join_code(&h.allocation_id).unwrap();
+    let j = api.join(&code).unwrap();
+    let host = Raw::new(&h);
+    let peer = Raw::new(&j.allocation);
+    assert_eq!(host.bind(0), BIND_RECEIVED);
+    assert_eq!(peer.bind(0), BIND_RECEIVED);
+    assert_eq!(peer.connect(&host.conn), pair(6, &host.id, &peer.id));
+    (host, peer)
+}
