@@ -207,6 +207,7 @@ mod slow_clients {
             match s.read(&mut buf) {
                 Ok(0) => return true,
                 Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
                         || e.kind() == std::io::ErrorKind::TimedOut =>

@@ -112,16 +112,29 @@ impl Raw {
 
     pub fn recv(&self) -> Vec<u8> {
         let mut buf = [0u8; 2048];
-        let (n, from) = self.sock.recv_from(&mut buf).expect("a datagram from the relay");
-        assert_eq!(from, self.relay);
-        buf[..n].to_vec()
+        loop {
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    assert_eq!(from, self.relay);
+                    return buf[..n].to_vec();
+                }
+                // An in-process io_uring relay can interrupt blocking calls of other threads.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!("a datagram from the relay: {e:?}"),
+            }
+        }
     }
 
     /// Asserts that nothing arrives within `ms`.
     pub fn silent(&self, ms: u64) {
         self.sock.set_read_timeout(Some(Duration::from_millis(ms))).unwrap();
         let mut buf = [0u8; 2048];
-        let got = self.sock.recv_from(&mut buf);
+        let got = loop {
+            match self.sock.recv_from(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
         self.sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         assert!(got.is_err(), "unexpected datagram {:02x?}", got.map(|(n, _)| buf[..n].to_vec()));
     }
