@@ -7,7 +7,10 @@
 #   benches/compare.sh                                  # everything (about 12 minutes on 2 cores)
 #   PHASES="max latency" TARGETS="b1 ferry" benches/compare.sh
 # Phases: max (maximum rate, ROUNDS rounds), lossfree (bisection), latency (fixed loads, ROUNDS
-# rounds), control (binds/s, allocations/s).
+# rounds), control (binds/s, allocations/s). GEN_GSO=1 makes the generator send with UDP GSO (fair:
+# no target enables UDP_GRO, so every relay still receives ordinary datagrams). MAX_RATE paces the
+# "max" phase at a fixed offered rate above every relay's capacity (0: as fast as possible); a
+# GSO generator needs pacing, or its sender starves its own receiver.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-target/compare}"
@@ -97,7 +100,9 @@ TOML
 load() {
   local name=$1 kind=$2; shift 2
   local line
-  if line=$(taskset -c "$GEN_CORE" "$FERRY" load $LOAD_ARGS --json "$@" 2>>"$OUT/errors.log"); then
+  local gen_gso=""
+  [ "${GEN_GSO:-0}" = 1 ] && gen_gso="--gso"
+  if line=$(taskset -c "$GEN_CORE" "$FERRY" load $LOAD_ARGS $gen_gso --json "$@" 2>>"$OUT/errors.log"); then
     echo "{\"name\":\"$name\",\"kind\":\"$kind\",\"round\":${ROUND:-0},\"result\":$line}" >> "$RESULTS"
     echo "$line"
   else
@@ -120,7 +125,7 @@ for round in $(seq "$ROUNDS"); do
     start "$t" || { echo "skip $t (not installed)"; continue; }
     for size in $SIZES; do
       echo "round $round: $t max rate, $size B"
-      load "$t" "max-$size" --size "$size" --duration "$DUR" >/dev/null || true
+      load "$t" "max-$size" --size "$size" --rate "${MAX_RATE:-0}" --duration "$DUR" >/dev/null || true
     done
     cleanup
   done

@@ -106,7 +106,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_KERNEL_STEERING")]
     pub kernel_steering: Option<bool>,
     /// With --io uring, send runs of same-size datagrams to one destination as one UDP GSO send
-    /// [default: true].
+    /// [default: false; it helps under normal load and hurts under overload, see BENCHMARKS.md].
     #[arg(long, env = "FERRY_GSO")]
     pub gso: Option<bool>,
     /// Datagram backend: batch (recvmmsg/sendmmsg on epoll) or uring [default: batch].

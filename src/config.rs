@@ -128,7 +128,7 @@ impl Config {
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             pin_shards: true,
             kernel_steering: true,
-            gso: true,
+            gso: false,
             io: IoBackend::Batch,
             unbound_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(10),

@@ -370,6 +370,7 @@ fn load_generator_measures_a_real_relay() {
         warmup: Duration::from_millis(200),
         pin_sender: None,
         pin_receiver: None,
+        gso: false,
     };
     let m = engine::run(streams, &spec, |_| {}).unwrap();
     assert!(m.sent > 300, "sent {}", m.sent);

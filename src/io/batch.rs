@@ -142,6 +142,51 @@ impl BatchIo {
         report
     }
 
+    /// Sends items that all have the same destination and length as UDP GSO sends (one
+    /// `sendmsg` per up to 64 segments and 64 KiB, each payload its own iovec). The receiver gets
+    /// ordinary datagrams unless it enables `UDP_GRO`.
+    pub fn send_gso(&mut self, batch: &PacketBatch, items: &[SendItem]) -> SendReport {
+        let mut report = SendReport::default();
+        let Some(first) = items.first() else { return report };
+        let per = (65_000 / first.len.max(1)).clamp(1, 64);
+        let mut cmsg = [0u64; 4];
+        for run in items.chunks(per) {
+            let alen = write_sockaddr(&first.dst, &mut self.addrs[0]);
+            for (i, it) in run.iter().enumerate() {
+                let buf = &batch.bufs[it.slot][..it.len.min(BUF_SIZE)];
+                self.iovs[i] = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
+            }
+            // SAFETY: all-zero is a valid msghdr.
+            let mut h: libc::msghdr = unsafe { zeroed() };
+            h.msg_name = (&mut self.addrs[0] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = alen;
+            h.msg_iov = self.iovs.as_mut_ptr();
+            h.msg_iovlen = run.len();
+            h.msg_control = cmsg.as_mut_ptr().cast();
+            // SAFETY: CMSG_SPACE is a pure size computation.
+            h.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
+            // SAFETY: msg_control points at 32 aligned bytes, room for one cmsghdr and a u16.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&h);
+                (*c).cmsg_level = libc::SOL_UDP;
+                (*c).cmsg_type = libc::UDP_SEGMENT;
+                (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), first.len as u16);
+            }
+            // SAFETY: the header and every iovec point at live memory for the call.
+            let n = unsafe { libc::sendmsg(self.fd, &h, libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                report.sent += run.len();
+            } else if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                report.would_block += items.len() - report.sent - report.errors;
+                return report;
+            } else {
+                report.errors += run.len();
+            }
+        }
+        report
+    }
+
     /// Sends one datagram from an arbitrary buffer.
     pub fn send_one(&mut self, dst: &SocketAddr, data: &[u8]) -> SendReport {
         let len = write_sockaddr(dst, &mut self.addrs[0]);

@@ -28,6 +28,9 @@ pub struct TrafficSpec {
     pub warmup: Duration,
     pub pin_sender: Option<usize>,
     pub pin_receiver: Option<usize>,
+    /// Send each batch as UDP GSO sends (fair only against relays that do not enable UDP_GRO,
+    /// which would otherwise receive the bursts coalesced).
+    pub gso: bool,
 }
 
 /// What the receiver measured (only datagrams sent after the warm-up count).
@@ -286,7 +289,7 @@ pub fn run(
             p[16..20].copy_from_slice(&(k as u32).to_le_bytes());
             items.push(SendItem { slot: i, len, dst });
         }
-        let r = ios[k].send(&batch, &items);
+        let r = if spec.gso { ios[k].send_gso(&batch, &items) } else { ios[k].send(&batch, &items) };
         let went = (r.sent + r.errors) as u64;
         seqs[k] = first + went;
         sent_total += went;

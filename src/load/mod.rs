@@ -108,6 +108,11 @@ pub struct LoadArgs {
     /// Source sockets the flood is spread over (127.0.x.y addresses).
     #[arg(long, default_value_t = 64)]
     pub flood_sources: usize,
+    /// Send with UDP GSO (cheaper for the generator). Fair only against relays that do not
+    /// enable UDP_GRO — Ferry, B1, coturn and turn-rs do not — since they then receive ordinary
+    /// datagrams.
+    #[arg(long)]
+    pub gso: bool,
 }
 
 fn need_relay(a: &LoadArgs) -> Result<SocketAddr, String> {
@@ -148,6 +153,7 @@ fn traffic(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
         warmup: a.warmup,
         pin_sender: a.pin_sender,
         pin_receiver: a.pin_receiver,
+        gso: a.gso,
     };
     let bar = (!a.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let b = indicatif::ProgressBar::new(1000);
