@@ -131,7 +131,6 @@ fn service_problem(e: ServiceError) -> Response {
         ServiceError::AllocationNotFound => {
             problem(StatusCode::NOT_FOUND, 15008, "Allocation Not Found", detail)
         }
-        ServiceError::NotAHost => invalid(detail),
         ServiceError::JoinCodeNotFound => {
             problem(StatusCode::NOT_FOUND, 15009, "Join Code Not Found", detail)
         }
