@@ -160,7 +160,16 @@ pub fn run(
                     }
                 }
                 let finished = done.load(Ordering::Acquire);
-                poll.poll(&mut events, Some(Duration::from_millis(if finished { 200 } else { 20 })))?;
+                // Sockets still known to hold datagrams are drained without waiting: epoll is
+                // edge-triggered, so no event may come for what is already queued.
+                let wait = if !ready.is_empty() {
+                    Duration::ZERO
+                } else if finished {
+                    Duration::from_millis(200)
+                } else {
+                    Duration::from_millis(20)
+                };
+                poll.poll(&mut events, Some(wait))?;
                 ready.extend(events.iter().map(|e| e.token().0));
                 if ready.is_empty() && finished {
                     break;
