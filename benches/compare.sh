@@ -15,9 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-target/compare}"
 ROUNDS="${ROUNDS:-3}"
+SESSIONS="${SESSIONS:-1}"
 DUR="${DUR:-3s}"
 SIZES="${SIZES:-64 1200}"
-TARGETS="${TARGETS:-direct b1 ferry ferry-uring ferry-uring-gso coturn turnrs}"
+TARGETS="${TARGETS:-direct b1 ferry ferry-gso ferry-uring ferry-uring-gso coturn turnrs}"
 PHASES="${PHASES:-max lossfree latency control}"
 has() { case " $PHASES " in *" $1 "*) return 0 ;; esac; return 1; }
 RELAY_CORE="${RELAY_CORE:-0}"
@@ -56,10 +57,10 @@ start() {
     b1)
       taskset -c "$RELAY_CORE" "$FERRY" bench-b1 --listen 127.0.0.1:19000 2>/dev/null &
       PID=$!; LOAD_ARGS="--target b1 --relay 127.0.0.1:19000 --relay-pid $PID" ;;
-    ferry|ferry-uring|ferry-uring-gso)
+    ferry|ferry-gso|ferry-uring|ferry-uring-gso)
       local io=batch gso=false
-      [ "$1" != ferry ] && io=uring
-      [ "$1" = ferry-uring-gso ] && gso=true
+      case "$1" in ferry-uring*) io=uring ;; esac
+      case "$1" in *-gso) gso=true ;; esac
       taskset -c "$RELAY_CORE" "$FERRY" serve --shards 1 --pin-shards false --io "$io" --gso "$gso" --relay-listen 127.0.0.1:17777 \
         --api-listen 127.0.0.1:17880 --api-rate-limit 1000000 --drain-timeout 0s --log-format json 2>>"$OUT/relay-$1.log" &
       PID=$!; LOAD_ARGS="--target ferry --api http://127.0.0.1:17880 --relay-pid $PID" ;;
@@ -125,7 +126,7 @@ for round in $(seq "$ROUNDS"); do
     start "$t" || { echo "skip $t (not installed)"; continue; }
     for size in $SIZES; do
       echo "round $round: $t max rate, $size B"
-      load "$t" "max-$size" --size "$size" --rate "${MAX_RATE:-0}" --duration "$DUR" >/dev/null || true
+      load "$t" "max-$size" --size "$size" --sessions "$SESSIONS" --rate "${MAX_RATE:-0}" --duration "$DUR" >/dev/null || true
     done
     cleanup
   done
@@ -173,7 +174,7 @@ ROUND=0
 
 for t in $TARGETS; do
   has control || break
-  case "$t" in ferry|ferry-uring|ferry-uring-gso|b1) ;; *) continue ;; esac
+  case "$t" in ferry*|b1) ;; *) continue ;; esac
   start "$t" || continue
   load "$t" binds --mode binds --allocations 2000 --duration 3s >/dev/null || true
   if [ "$t" = ferry ]; then

@@ -23,7 +23,7 @@ def paired(name, kind, base="b1", key="delivered_pps"):
     v = [get(a[k]) / get(b[k]) for k in a if k in b and get(b[k])]
     return f"{statistics.median(v):.2f}× ({len(v)})" if v else "–"
 
-NAMES = {"direct": "B0 direct", "b1": "B1 ideal forwarder", "ferry": "Ferry (epoll, 1 shard)", "ferry-uring": "Ferry (io_uring, 1 shard)", "ferry-uring-gso": "Ferry (io_uring + GSO, 1 shard)", "coturn": "coturn", "turnrs": "turn-rs"}
+NAMES = {"direct": "B0 direct", "b1": "B1 ideal forwarder", "ferry": "Ferry (epoll, 1 shard)", "ferry-gso": "Ferry (epoll + GSO, 1 shard)", "ferry-uring": "Ferry (io_uring, 1 shard)", "ferry-uring-gso": "Ferry (io_uring + GSO, 1 shard)", "coturn": "coturn", "turnrs": "turn-rs"}
 order = [n for n in NAMES if any(k[0] == n for k in runs)]
 
 
@@ -102,7 +102,7 @@ for rate in (5000, 20000):
 lines.append("\n### Control plane\n")
 lines.append("| measure | target | value |")
 lines.append("|---|---|---|")
-for n in ("ferry", "ferry-uring", "ferry-uring-gso", "b1"):
+for n in ("ferry", "ferry-gso", "ferry-uring", "ferry-uring-gso", "b1"):
     v = med(n, "binds", "binds_per_sec")
     if v:
         lines.append(f"| BINDs answered per second (one relay core) | {NAMES[n]} | {fmt(v)} |")

@@ -97,6 +97,7 @@ pub fn render(shards: &[ShardStats], api: &BTreeMap<(String, u16), u64>, hosts: 
             ("handoff_in", io.handoff_in),
             ("handoff_dropped", io.handoff_dropped),
             ("gso_sends", io.gso_sends),
+            ("gso_fallbacks", io.gso_fallbacks),
         ] {
             let _ = writeln!(o, "ferry_io_total{{shard=\"{}\",kind=\"{kind}\"}} {v}", s.shard);
         }

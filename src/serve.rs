@@ -120,7 +120,7 @@ impl Running {
                 events: ev_tx.clone(),
                 pin: (!cores.is_empty()).then(|| cores[i % cores.len()]),
                 uring,
-                gso: uring && cfg.gso,
+                gso: cfg.gso,
             })
             .collect();
         let (handles, threads) = spawn_all(setups)?;

@@ -5,7 +5,9 @@ use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 
-use super::{PacketBatch, SendItem, SendReport, BATCH, BUF_SIZE};
+use super::{
+    gso_run_end, gso_unsupported, set_udp_segment, PacketBatch, SendItem, SendReport, BATCH, BUF_SIZE,
+};
 
 /// Batched datagram I/O on one socket. Keeps its syscall headers between calls.
 pub struct BatchIo {
@@ -13,6 +15,11 @@ pub struct BatchIo {
     hdrs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
     addrs: Vec<libc::sockaddr_storage>,
+    /// One `UDP_SEGMENT` control message per header.
+    cmsgs: Vec<[u64; 4]>,
+    /// Datagrams carried by each header (more than one: a GSO run).
+    segs: Vec<usize>,
+    gso: bool,
 }
 
 // SAFETY: the raw pointers inside the headers are rebuilt before every syscall and point only at
@@ -75,6 +82,9 @@ impl BatchIo {
             hdrs: vec![hdr; BATCH],
             iovs: vec![iov; BATCH],
             addrs: vec![addr; BATCH],
+            cmsgs: vec![[0; 4]; BATCH],
+            segs: vec![0; BATCH],
+            gso: false,
         }
     }
 
@@ -119,70 +129,52 @@ impl BatchIo {
         Ok(n as usize)
     }
 
-    /// Sends each item from its batch buffer. A full socket buffer or a refused destination drops
-    /// that datagram (UDP semantics) and is counted.
+    /// Groups this I/O's sends into UDP GSO runs (see [`gso_run_end`]) where `on`.
+    pub fn set_gso(&mut self, on: bool) {
+        self.gso = on;
+    }
+
+    /// Whether sends are still grouped into GSO runs (the kernel may have refused them).
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// Sends each item from its batch buffer, in order, in `sendmmsg` calls of up to [`BATCH`]
+    /// headers. With GSO on, each run of same-size datagrams to one destination is one header
+    /// carrying a `UDP_SEGMENT` control message, its payloads one iovec each (still no copy). A full
+    /// socket buffer or a refused destination drops that datagram (UDP semantics) and is counted.
     pub fn send(&mut self, batch: &PacketBatch, items: &[SendItem]) -> SendReport {
         let mut report = SendReport::default();
         for chunk in items.chunks(BATCH) {
-            for (i, it) in chunk.iter().enumerate() {
-                let len = write_sockaddr(&it.dst, &mut self.addrs[i]);
-                let buf = &batch.bufs[it.slot][..it.len.min(BUF_SIZE)];
-                self.iovs[i] = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
-                let h = &mut self.hdrs[i].msg_hdr;
-                h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-                h.msg_namelen = len;
-                h.msg_iov = &mut self.iovs[i];
-                h.msg_iovlen = 1;
-                h.msg_control = std::ptr::null_mut();
-                h.msg_controllen = 0;
-                h.msg_flags = 0;
+            let (mut h, mut i) = (0, 0);
+            while i < chunk.len() {
+                let end = if self.gso {
+                    gso_run_end(chunk.len(), i, |k| (chunk[k].dst, chunk[k].len.min(BUF_SIZE)))
+                } else {
+                    i + 1
+                };
+                for (k, it) in chunk[i..end].iter().enumerate() {
+                    let buf = &batch.bufs[it.slot][..it.len.min(BUF_SIZE)];
+                    self.iovs[i + k] = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
+                }
+                let alen = write_sockaddr(&chunk[i].dst, &mut self.addrs[h]);
+                let hdr = &mut self.hdrs[h].msg_hdr;
+                hdr.msg_name = (&mut self.addrs[h] as *mut libc::sockaddr_storage).cast();
+                hdr.msg_namelen = alen;
+                hdr.msg_iov = &mut self.iovs[i];
+                hdr.msg_iovlen = end - i;
+                hdr.msg_flags = 0;
+                if end - i > 1 {
+                    set_udp_segment(hdr, &mut self.cmsgs[h], self.iovs[i].iov_len);
+                } else {
+                    hdr.msg_control = std::ptr::null_mut();
+                    hdr.msg_controllen = 0;
+                }
+                self.segs[h] = end - i;
+                h += 1;
+                i = end;
             }
-            self.send_headers(chunk.len(), &mut report);
-        }
-        report
-    }
-
-    /// Sends items that all have the same destination and length as UDP GSO sends (one
-    /// `sendmsg` per up to 64 segments and 64 KiB, each payload its own iovec). The receiver gets
-    /// ordinary datagrams unless it enables `UDP_GRO`.
-    pub fn send_gso(&mut self, batch: &PacketBatch, items: &[SendItem]) -> SendReport {
-        let mut report = SendReport::default();
-        let Some(first) = items.first() else { return report };
-        let per = (65_000 / first.len.max(1)).clamp(1, 64);
-        let mut cmsg = [0u64; 4];
-        for run in items.chunks(per) {
-            let alen = write_sockaddr(&first.dst, &mut self.addrs[0]);
-            for (i, it) in run.iter().enumerate() {
-                let buf = &batch.bufs[it.slot][..it.len.min(BUF_SIZE)];
-                self.iovs[i] = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
-            }
-            // SAFETY: all-zero is a valid msghdr.
-            let mut h: libc::msghdr = unsafe { zeroed() };
-            h.msg_name = (&mut self.addrs[0] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = alen;
-            h.msg_iov = self.iovs.as_mut_ptr();
-            h.msg_iovlen = run.len();
-            h.msg_control = cmsg.as_mut_ptr().cast();
-            // SAFETY: CMSG_SPACE is a pure size computation.
-            h.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
-            // SAFETY: msg_control points at 32 aligned bytes, room for one cmsghdr and a u16.
-            unsafe {
-                let c = libc::CMSG_FIRSTHDR(&h);
-                (*c).cmsg_level = libc::SOL_UDP;
-                (*c).cmsg_type = libc::UDP_SEGMENT;
-                (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
-                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), first.len as u16);
-            }
-            // SAFETY: the header and every iovec point at live memory for the call.
-            let n = unsafe { libc::sendmsg(self.fd, &h, libc::MSG_DONTWAIT) };
-            if n >= 0 {
-                report.sent += run.len();
-            } else if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
-                report.would_block += items.len() - report.sent - report.errors;
-                return report;
-            } else {
-                report.errors += run.len();
-            }
+            self.send_headers(h, &mut report);
         }
         report
     }
@@ -198,11 +190,13 @@ impl BatchIo {
         h.msg_iovlen = 1;
         h.msg_control = std::ptr::null_mut();
         h.msg_controllen = 0;
+        self.segs[0] = 1;
         let mut report = SendReport::default();
         self.send_headers(1, &mut report);
         report
     }
 
+    /// Sends headers `0..total` (header `h` carries `segs[h]` datagrams).
     fn send_headers(&mut self, total: usize, report: &mut SendReport) {
         let mut off = 0;
         while off < total {
@@ -216,7 +210,10 @@ impl BatchIo {
                 )
             };
             if n > 0 {
-                report.sent += n as usize;
+                for h in off..off + n as usize {
+                    report.sent += self.segs[h];
+                    report.gso_sends += (self.segs[h] > 1) as usize;
+                }
                 off += n as usize;
                 continue;
             }
@@ -224,14 +221,47 @@ impl BatchIo {
             match e.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => {
-                    report.would_block += total - off;
+                    report.would_block += self.segs[off..total].iter().sum::<usize>();
                     return;
+                }
+                _ if self.segs[off] > 1 => {
+                    // The kernel refused this run as GSO: send its datagrams one by one, and stop
+                    // grouping if it cannot do GSO at all.
+                    report.gso_fallbacks += 1;
+                    if e.raw_os_error().is_some_and(gso_unsupported) {
+                        self.gso = false;
+                    }
+                    self.send_run_singly(off, report);
+                    off += 1;
                 }
                 _ => {
                     // This datagram was refused; skip it and carry on with the rest.
                     report.errors += 1;
                     off += 1;
                 }
+            }
+        }
+    }
+
+    /// Sends the datagrams of GSO header `h` one `sendmsg` each.
+    fn send_run_singly(&mut self, h: usize, report: &mut SendReport) {
+        let hdr = self.hdrs[h].msg_hdr;
+        for k in 0..hdr.msg_iovlen {
+            let mut one = hdr;
+            // SAFETY: msg_iov points at `msg_iovlen` iovecs filled by `send`.
+            one.msg_iov = unsafe { hdr.msg_iov.add(k) };
+            one.msg_iovlen = 1;
+            one.msg_control = std::ptr::null_mut();
+            one.msg_controllen = 0;
+            // SAFETY: the header points at a live address and a live buffer for the call.
+            let n = unsafe { libc::sendmsg(self.fd, &one, libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                report.sent += 1;
+            } else if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                report.would_block += hdr.msg_iovlen - k;
+                return;
+            } else {
+                report.errors += 1;
             }
         }
     }
@@ -273,5 +303,71 @@ mod tests {
         b.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
         let (n, from) = b.recv_from(&mut buf).unwrap();
         assert_eq!((n, from, buf[0]), (10, a_addr, 0));
+    }
+
+    fn recv_all(b: &std::net::UdpSocket, n: usize) -> Vec<Vec<u8>> {
+        b.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 2048];
+        (0..n)
+            .map(|_| {
+                let len = b.recv(&mut buf).unwrap();
+                buf[..len].to_vec()
+            })
+            .collect()
+    }
+
+    fn filled(batch: &mut PacketBatch, lens: &[usize], dst: SocketAddr) -> Vec<SendItem> {
+        for (i, &len) in lens.iter().enumerate() {
+            batch.bufs[i][..len].fill(i as u8 + 1);
+        }
+        lens.iter().enumerate().map(|(slot, &len)| SendItem { slot, len, dst }).collect()
+    }
+
+    #[test]
+    fn gso_runs_arrive_as_separate_datagrams() {
+        let a = bind_udp("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut io = BatchIo::new(&a);
+        io.set_gso(true);
+        let mut batch = PacketBatch::new();
+        let lens = [300, 300, 300, 120, 300, 900, 900];
+        let items = filled(&mut batch, &lens, b.local_addr().unwrap());
+        let r = io.send(&batch, &items);
+        assert_eq!((r.sent, r.gso_sends, r.gso_fallbacks), (7, 2, 0), "{r:?}");
+        let got = recv_all(&b, 7);
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d, &vec![i as u8 + 1; lens[i]]);
+        }
+    }
+
+    #[test]
+    fn refused_gso_run_is_sent_datagram_by_datagram() {
+        let a = bind_udp("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        // The kernel refuses UDP GSO (EINVAL) on a socket that does not checksum what it sends.
+        let one: libc::c_int = 1;
+        // SAFETY: setting an int socket option from a live c_int.
+        let rc = unsafe {
+            libc::setsockopt(
+                a.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut io = BatchIo::new(&a);
+        io.set_gso(true);
+        let mut batch = PacketBatch::new();
+        let lens = [200, 200, 200, 200];
+        let items = filled(&mut batch, &lens, b.local_addr().unwrap());
+        let r = io.send(&batch, &items);
+        assert_eq!((r.sent, r.gso_sends, r.gso_fallbacks, r.errors), (4, 0, 1, 0), "{r:?}");
+        assert!(io.gso(), "a refusal for one route does not turn GSO off");
+        let got = recv_all(&b, 4);
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d, &vec![i as u8 + 1; 200]);
+        }
     }
 }

@@ -241,6 +241,9 @@ pub fn run(
     // The sender runs on this thread.
     pin(spec.pin_sender);
     let mut ios: Vec<BatchIo> = txs.iter().map(|t| BatchIo::new(&t.0)).collect();
+    for io in &mut ios {
+        io.set_gso(spec.gso);
+    }
     for t in &txs {
         t.0.set_nonblocking(true)?;
     }
@@ -298,7 +301,7 @@ pub fn run(
             p[16..20].copy_from_slice(&(k as u32).to_le_bytes());
             items.push(SendItem { slot: i, len, dst });
         }
-        let r = if spec.gso { ios[k].send_gso(&batch, &items) } else { ios[k].send(&batch, &items) };
+        let r = ios[k].send(&batch, &items);
         let went = (r.sent + r.errors) as u64;
         seqs[k] = first + went;
         sent_total += went;

@@ -49,6 +49,8 @@ pub struct IoStats {
     pub handoff_dropped: u64,
     /// GSO sends (each a run of same-size datagrams to one destination).
     pub gso_sends: u64,
+    /// GSO runs the kernel refused, sent one datagram at a time instead.
+    pub gso_fallbacks: u64,
 }
 
 /// A snapshot of one shard.
@@ -131,7 +133,7 @@ pub struct ShardSetup {
     pub pin: Option<core_affinity::CoreId>,
     /// Run the io_uring event loop instead of epoll.
     pub uring: bool,
-    /// Send runs of same-size datagrams to one destination with UDP GSO (io_uring loop).
+    /// Send runs of same-size datagrams to one destination with UDP GSO.
     pub gso: bool,
 }
 
@@ -233,6 +235,8 @@ impl State {
     pub fn count(&mut self, r: SendReport) {
         self.stats.send_dropped_full += r.would_block as u64;
         self.stats.send_errors += r.errors as u64;
+        self.stats.gso_sends += r.gso_sends as u64;
+        self.stats.gso_fallbacks += r.gso_fallbacks as u64;
     }
 
     /// Decides one received datagram: hand it to its owner shard, or let the core answer it.
@@ -319,6 +323,7 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
     poll.registry().register(&mut sock, SOCKET, Interest::READABLE)?;
     let mut st = State::new(setup.index, "epoll", setup.core, clock.now(), peers, setup.events);
     let mut io = BatchIo::new(&sock);
+    io.set_gso(setup.gso);
     let mut batch = PacketBatch::new();
     let mut sends: Vec<SendItem> = Vec::with_capacity(BATCH);
     let mut events = Events::with_capacity(64);
@@ -365,6 +370,12 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
                         if !sends.is_empty() {
                             let r = io.send(&batch, &sends);
                             st.count(r);
+                            if r.gso_fallbacks > 0 && !io.gso() {
+                                tracing::warn!(
+                                    shard = st.index,
+                                    "UDP GSO refused by the kernel; sending datagrams one by one"
+                                );
+                            }
                         }
                         // Budget may run out with datagrams still queued: come back without waiting.
                         readable = true;

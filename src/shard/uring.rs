@@ -21,7 +21,7 @@ use io_uring::{cqueue, opcode, types, IoUring};
 
 use super::{ShardHandle, ShardMsg, ShardSetup, State, Verdict};
 use crate::io::batch::{to_socket_addr, write_sockaddr};
-use crate::io::SendReport;
+use crate::io::{gso_run_end, gso_unsupported, set_udp_segment, SendReport, GSO_MAX_SEGS};
 use crate::wire::MAX_DATAGRAM;
 
 const BUFS: u16 = 2048;
@@ -38,10 +38,6 @@ const SEND: u64 = 2 << 32;
 const WAKE: u64 = 3 << 32;
 const CANCEL: u64 = 4 << 32;
 const GSO_SEND: u64 = 5 << 32;
-/// Most segments in one GSO send (the kernel's UDP_MAX_SEGMENTS is at least 64).
-const GSO_MAX_SEGS: usize = 64;
-/// Most payload bytes in one GSO send.
-const GSO_MAX_BYTES: usize = 63 * 1024;
 
 /// The provided-buffer ring and the memory behind it.
 struct BufRing {
@@ -281,6 +277,7 @@ pub(super) fn run(
     let mut gso_slots: Vec<Box<GsoSlot>> = Vec::new();
     let mut gso_free: Vec<usize> = Vec::new();
     let mut pending: Vec<Pending> = Vec::with_capacity(BUFS as usize);
+    let mut retry: Vec<Pending> = Vec::new();
     tracing::debug!(shard = st.index, "io_uring event loop");
 
     loop {
@@ -352,15 +349,23 @@ pub(super) fn run(
                 GSO_SEND => {
                     let i = (ud & 0xFFFF_FFFF) as usize;
                     let slot = &mut gso_slots[i];
-                    if res < 0 {
-                        if res == -libc::EAGAIN {
-                            st.stats.send_dropped_full += slot.bids.len() as u64;
-                        } else {
-                            st.stats.send_errors += slot.bids.len() as u64;
-                            if gso && matches!(-res, libc::EIO | libc::EINVAL | libc::EOPNOTSUPP) {
-                                tracing::warn!(shard = st.index, error = %io::Error::from_raw_os_error(-res), "UDP GSO refused; sending datagrams one by one");
-                                gso = false;
+                    if res >= 0 {
+                        st.stats.gso_sends += 1;
+                    } else if res == -libc::EAGAIN {
+                        st.stats.send_dropped_full += slot.bids.len() as u64;
+                    } else {
+                        // The kernel refused the run as GSO: its datagrams are still in their
+                        // buffers, so send them one by one; stop grouping if GSO cannot work here.
+                        st.stats.gso_fallbacks += 1;
+                        if gso && gso_unsupported(-res) {
+                            gso = false;
+                            tracing::warn!(shard = st.index, error = %io::Error::from_raw_os_error(-res), "UDP GSO refused by the kernel; sending datagrams one by one");
+                        }
+                        if let Some(dst) = to_socket_addr(&slot.addr) {
+                            for (k, &bid) in slot.bids.iter().enumerate() {
+                                retry.push(Pending { bid, dst, len: slot.iovs[k].iov_len });
                             }
+                            slot.bids.clear();
                         }
                     }
                     for &bid in &slot.bids {
@@ -378,27 +383,17 @@ pub(super) fn run(
             }
         }
         // Send this turn's datagrams: runs of same-size datagrams to one destination as one GSO
-        // send where enabled, everything else one sendmsg each.
+        // send where enabled, everything else (and refused runs) one sendmsg each.
+        let grouped = pending.len();
+        pending.append(&mut retry);
         let mut i = 0;
         while i < pending.len() {
             let first = pending[i];
-            let mut end = i + 1;
-            if gso {
-                let mut bytes = first.len;
-                while end < pending.len()
-                    && end - i < GSO_MAX_SEGS
-                    && pending[end].dst == first.dst
-                    && pending[end].len <= first.len
-                    && bytes + pending[end].len <= GSO_MAX_BYTES
-                {
-                    bytes += pending[end].len;
-                    end += 1;
-                    // Only the last segment of a run may be shorter.
-                    if pending[end - 1].len < first.len {
-                        break;
-                    }
-                }
-            }
+            let end = if gso && i < grouped {
+                gso_run_end(grouped, i, |k| (pending[k].dst, pending[k].len))
+            } else {
+                i + 1
+            };
             let sqe = if end - i == 1 {
                 let slot = &mut slots[first.bid as usize];
                 let alen = write_sockaddr(&first.dst, &mut slot.addr);
@@ -430,18 +425,7 @@ pub(super) fn run(
                 slot.hdr.msg_namelen = alen;
                 slot.hdr.msg_iov = slot.iovs.as_mut_ptr();
                 slot.hdr.msg_iovlen = end - i;
-                slot.hdr.msg_control = slot.cmsg.as_mut_ptr().cast();
-                // SAFETY: CMSG_SPACE is a pure size computation.
-                slot.hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
-                // SAFETY: msg_control points at 32 aligned bytes, enough for one cmsghdr + u16.
-                unsafe {
-                    let c = libc::CMSG_FIRSTHDR(&slot.hdr);
-                    (*c).cmsg_level = libc::SOL_UDP;
-                    (*c).cmsg_type = libc::UDP_SEGMENT;
-                    (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), first.len as u16);
-                }
-                st.stats.gso_sends += 1;
+                set_udp_segment(&mut slot.hdr, &mut slot.cmsg, first.len);
                 opcode::SendMsg::new(fd, &slot.hdr).build().user_data(GSO_SEND | gi as u64)
             };
             // SAFETY: the slot and the buffers stay untouched until this send completes.
