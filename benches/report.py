@@ -25,6 +25,9 @@ def paired(name, kind, base="b1", key="delivered_pps"):
 
 NAMES = {"direct": "B0 direct", "b1": "B1 ideal forwarder", "ferry": "Ferry (epoll, 1 shard)", "ferry-gso": "Ferry (epoll + GSO, 1 shard)", "ferry-uring": "Ferry (io_uring, 1 shard)", "ferry-uring-gso": "Ferry (io_uring + GSO, 1 shard)", "coturn": "coturn", "turnrs": "turn-rs"}
 order = [n for n in NAMES if any(k[0] == n for k in runs)]
+# "Ferry" in comparisons with the peers means Ferry as configured by default (epoll + GSO) when
+# that target was measured.
+REF = "ferry-gso" if "ferry-gso" in order else "ferry"
 
 
 def med(name, kind, key):
@@ -45,10 +48,10 @@ sizes = sorted({int(k[1].split("-")[1]) for k in runs if k[1].startswith("max-")
 for size in sizes:
     kind = f"max-{size}"
     lines.append(f"\n### Maximum delivered rate, {size}-byte payload\n")
-    lines.append("| target | delivered packets/s | loss | relay CPU µs/packet | vs B1 (medians) | vs B1 (paired by round) | Ferry vs it | rounds |")
+    lines.append(f"| target | delivered packets/s | loss | relay CPU µs/packet | vs B1 (medians) | vs B1 (paired by round) | {NAMES[REF]} vs it | rounds |")
     lines.append("|---|---|---|---|---|---|---|---|")
     b1 = med("b1", kind, "delivered_pps")
-    fe = med("ferry", kind, "delivered_pps")
+    fe = med(REF, kind, "delivered_pps")
     for n in order:
         pps = med(n, kind, "delivered_pps")
         if pps is None:
@@ -72,11 +75,11 @@ for n in order:
         v = med(n, f"lossfree-{s}", "rate")
         row += [fmt(v), ratio(v, med("b1", f"lossfree-{s}", "rate"))]
     lines.append(f"| {NAMES[n]} | " + " | ".join(row) + " |")
-fe = [med("ferry", f"lossfree-{s}", "rate") for s in sizes]
+fe = [med(REF, f"lossfree-{s}", "rate") for s in sizes]
 for peer in ("coturn", "turnrs"):
     pv = [med(peer, f"lossfree-{s}", "rate") for s in sizes]
     if any(pv):
-        lines.append(f"\nFerry's loss-free rate vs {NAMES[peer]}: " + ", ".join(f"{s} B {ratio(f, p)}" for s, f, p in zip(sizes, fe, pv)) + ".")
+        lines.append(f"\n{NAMES[REF]}'s loss-free rate vs {NAMES[peer]}: " + ", ".join(f"{s} B {ratio(f, p)}" for s, f, p in zip(sizes, fe, pv)) + ".")
 
 for rate in (5000, 20000):
     kind = f"latency-{rate}"

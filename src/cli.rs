@@ -105,8 +105,8 @@ pub struct ServeArgs {
     /// Steer datagrams to their owner shard in the kernel (classic BPF) [default: true].
     #[arg(long, env = "FERRY_KERNEL_STEERING")]
     pub kernel_steering: Option<bool>,
-    /// With --io uring, send runs of same-size datagrams to one destination as one UDP GSO send
-    /// [default: false; it helps under normal load and hurts under overload, see BENCHMARKS.md].
+    /// Send runs of same-size datagrams to one destination as one UDP GSO send; turned off by
+    /// itself where the kernel cannot do GSO [default: true].
     #[arg(long, env = "FERRY_GSO")]
     pub gso: Option<bool>,
     /// Datagram backend: batch (recvmmsg/sendmmsg on epoll) or uring [default: batch].

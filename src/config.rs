@@ -40,8 +40,7 @@ pub struct Config {
     /// Attach the reuseport steering program (`bpf/steer.bpf`) when there are several shards.
     pub kernel_steering: bool,
     pub io: IoBackend,
-    /// With the io_uring backend, send runs of same-size datagrams to one destination as one
-    /// UDP GSO send.
+    /// Send runs of same-size datagrams to one destination as one UDP GSO send (either backend).
     pub gso: bool,
     pub unbound_timeout: Duration,
     pub idle_timeout: Duration,
@@ -128,7 +127,7 @@ impl Config {
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             pin_shards: true,
             kernel_steering: true,
-            gso: false,
+            gso: true,
             io: IoBackend::Batch,
             unbound_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(10),

@@ -3,7 +3,9 @@
 //! - One multishot `recvmsg` draws datagrams into a ring of provided buffers (2048 × 2 KiB),
 //!   so receiving costs no syscall per datagram and no buffer bookkeeping per receive.
 //! - A forward or reply is a `sendmsg` from the very buffer the datagram arrived in (zero copy);
-//!   the buffer returns to the ring when that send completes.
+//!   the buffer returns to the ring when that send completes. With GSO on, a run of same-size
+//!   datagrams to one destination is one `sendmsg` with a `UDP_SEGMENT` control message, one iovec
+//!   per receive buffer; a run the kernel refuses is resent one datagram per `sendmsg`.
 //! - The socket is a registered (fixed) file; all sends of a turn go to the kernel in one
 //!   `io_uring_enter`, which also waits for the next completion or timer deadline.
 //! - Mailbox wake-ups arrive as completions of a multishot poll on the shard's eventfd.
