@@ -301,6 +301,16 @@ pub(super) fn run(
                 Err(e) => return Err(e),
             }
             cq.sync();
+        } else if !sq.is_empty() {
+            // Completions are already waiting (they can be posted between turns): still hand
+            // last turn's sends to the kernel now, without waiting, so their buffers come back
+            // to the ring instead of piling up behind a receive side that never goes idle.
+            match submitter.submit() {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+            cq.sync();
         }
         let now = clock.now();
         let (mut rearm_recv, mut rearm_wake, mut woke, mut recycled, mut got) =
