@@ -281,6 +281,9 @@ pub(super) fn run(
     let mut pending: Vec<Pending> = Vec::with_capacity(BUFS as usize);
     let mut retry: Vec<Pending> = Vec::new();
     tracing::debug!(shard = st.index, "io_uring event loop");
+    // Re-bound after everything the kernel may read or write through it (buffers, headers,
+    // slots), so that on every way out the ring is dropped, and torn down, before that memory.
+    let mut ring = ring;
 
     loop {
         let (submitter, mut sq, mut cq) = ring.split();
@@ -396,13 +399,16 @@ pub(super) fn run(
         }
         // Send this turn's datagrams: runs of same-size datagrams to one destination as one GSO
         // send where enabled, everything else (and refused runs) one sendmsg each.
-        let grouped = pending.len();
-        pending.append(&mut retry);
+        // Refused runs go first: their datagrams arrived before anything received this turn.
+        let singles = retry.len();
+        if singles > 0 {
+            pending.splice(0..0, retry.drain(..));
+        }
         let mut i = 0;
         while i < pending.len() {
             let first = pending[i];
-            let end = if gso && i < grouped {
-                gso_run_end(grouped, i, |k| (pending[k].dst, pending[k].len))
+            let end = if gso && i >= singles {
+                gso_run_end(pending.len(), i, |k| (pending[k].dst, pending[k].len))
             } else {
                 i + 1
             };
