@@ -200,6 +200,7 @@ impl Running {
             shards = cfg.shards,
             steering,
             io = if uring { "io_uring" } else { "epoll" },
+            gso = cfg.gso,
             region = %cfg.region,
             "ferry serving"
         );
