@@ -8,7 +8,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::config::{err, parse_duration, Config, ConfigError, IoBackend, LogFormat};
+use crate::config::{
+    err, parse_bool, parse_duration, Config, ConfigError, IoBackend, LifecycleLog, LogFormat,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -60,6 +62,10 @@ fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
+fn bool_arg(s: &str) -> Result<bool, String> {
+    parse_bool(s)
+}
+
 fn log_format_arg(s: &str) -> Result<LogFormat, String> {
     match s {
         "text" => Ok(LogFormat::Text),
@@ -93,6 +99,10 @@ pub struct ServeArgs {
     /// Port clients are told to reach the relay at [default: the relay's port].
     #[arg(long, env = "FERRY_ADVERTISE_PORT")]
     pub advertise_port: Option<u16>,
+    /// IPv4 literal for the deprecated relayServer.ipV4 field [default: advertise if it is an
+    /// IPv4 address, else derived like advertise].
+    #[arg(long, env = "FERRY_ADVERTISE_IPV4")]
+    pub advertise_ipv4: Option<std::net::Ipv4Addr>,
     /// Region ID reported by /v1/regions and in allocations [default: local].
     #[arg(long, env = "FERRY_REGION")]
     pub region: Option<String>,
@@ -100,14 +110,14 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_SHARDS")]
     pub shards: Option<usize>,
     /// Pin each shard thread to a core [default: true].
-    #[arg(long, env = "FERRY_PIN_SHARDS")]
+    #[arg(long, env = "FERRY_PIN_SHARDS", value_parser = bool_arg)]
     pub pin_shards: Option<bool>,
     /// Steer datagrams to their owner shard in the kernel (classic BPF) [default: true].
-    #[arg(long, env = "FERRY_KERNEL_STEERING")]
+    #[arg(long, env = "FERRY_KERNEL_STEERING", value_parser = bool_arg)]
     pub kernel_steering: Option<bool>,
     /// Send runs of same-size datagrams to one destination as one UDP GSO send; turned off by
     /// itself where the kernel cannot do GSO [default: true].
-    #[arg(long, env = "FERRY_GSO")]
+    #[arg(long, env = "FERRY_GSO", value_parser = bool_arg)]
     pub gso: Option<bool>,
     /// Datagram backend: batch (recvmmsg/sendmmsg on epoll) or uring [default: batch].
     #[arg(long, env = "FERRY_IO", value_parser = io_arg)]
@@ -169,15 +179,54 @@ pub struct ServeArgs {
     /// Bytes relayed to a new binding before its client sends anything but BINDs [default: 32768].
     #[arg(long, env = "FERRY_UNCONFIRMED_BUDGET")]
     pub unconfirmed_budget: Option<u32>,
-    /// Most API connections open at once [default: 1024].
+    /// Most API connections open at once [default: sized from the file-descriptor limit].
     #[arg(long, env = "FERRY_API_MAX_CONNECTIONS")]
     pub api_max_connections: Option<usize>,
+    /// Most API connections open at once from one IPv4 address or IPv6 /64 [default: 256].
+    #[arg(long, env = "FERRY_API_MAX_CONNECTIONS_PER_IP")]
+    pub api_max_connections_per_ip: Option<usize>,
+    /// Proxies whose X-Forwarded-For is believed, comma separated (env) or repeated (flag).
+    #[arg(long = "trusted-proxy", env = "FERRY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<crate::core::Cidr>>,
+    /// Failed joins per minute for each API token [default: 120].
+    #[arg(long, env = "FERRY_JOIN_FAILURES_PER_TOKEN_PER_MIN")]
+    pub join_failures_per_token_per_min: Option<u32>,
+    /// Requests refused with 401 per minute per client IP before 429 [default: 30].
+    #[arg(long, env = "FERRY_AUTH_FAILURES_PER_IP_PER_MIN")]
+    pub auth_failures_per_ip_per_min: Option<u32>,
+    /// Most control-socket connections open at once [default: 64].
+    #[arg(long, env = "FERRY_CONTROL_MAX_CONNECTIONS")]
+    pub control_max_connections: Option<usize>,
+    /// Level of allocation lifecycle log events: info, debug or off [default: info].
+    #[arg(long, env = "FERRY_LOG_LIFECYCLE")]
+    pub log_lifecycle: Option<LifecycleLog>,
+    /// Log the lifecycle of one allocation in N [default: 1, every allocation].
+    #[arg(long, env = "FERRY_LOG_LIFECYCLE_SAMPLE")]
+    pub log_lifecycle_sample: Option<u32>,
     /// Time an API client has to send each request's headers [default: 5s].
     #[arg(long, env = "FERRY_API_HEADER_TIMEOUT", value_parser = duration_arg)]
     pub api_header_timeout: Option<Duration>,
     /// Time an API client has to send a request body [default: 10s].
     #[arg(long, env = "FERRY_API_BODY_TIMEOUT", value_parser = duration_arg)]
     pub api_body_timeout: Option<Duration>,
+}
+
+/// A boolean in the TOML file: `true`, `1`, `"yes"`, `"on"`, …
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+enum FileBool {
+    Bool(bool),
+    Int(i64),
+    Text(String),
+}
+
+fn file_bool(key: &str, b: Option<FileBool>) -> Result<Option<bool>, ConfigError> {
+    match b {
+        None => Ok(None),
+        Some(FileBool::Bool(v)) => Ok(Some(v)),
+        Some(FileBool::Int(i)) => parse_bool(&i.to_string()).map(Some).map_err(|m| err(key, m)),
+        Some(FileBool::Text(t)) => parse_bool(&t).map(Some).map_err(|m| err(key, m)),
+    }
 }
 
 /// A duration in the TOML file: `"10s"`, `"250ms"`, or a number of seconds.
@@ -195,11 +244,12 @@ struct FileConfig {
     relay_listen: Option<SocketAddr>,
     advertise: Option<String>,
     advertise_port: Option<u16>,
+    advertise_ipv4: Option<std::net::Ipv4Addr>,
     region: Option<String>,
     shards: Option<usize>,
-    pin_shards: Option<bool>,
-    kernel_steering: Option<bool>,
-    gso: Option<bool>,
+    pin_shards: Option<FileBool>,
+    kernel_steering: Option<FileBool>,
+    gso: Option<FileBool>,
     io: Option<IoBackend>,
     unbound_timeout: Option<FileDuration>,
     idle_timeout: Option<FileDuration>,
@@ -221,6 +271,13 @@ struct FileConfig {
     deny_sources: Option<Vec<String>>,
     unconfirmed_budget: Option<u32>,
     api_max_connections: Option<usize>,
+    api_max_connections_per_ip: Option<usize>,
+    trusted_proxies: Option<Vec<String>>,
+    join_failures_per_token_per_min: Option<u32>,
+    auth_failures_per_ip_per_min: Option<u32>,
+    control_max_connections: Option<usize>,
+    log_lifecycle: Option<LifecycleLog>,
+    log_lifecycle_sample: Option<u32>,
     api_header_timeout: Option<FileDuration>,
     api_body_timeout: Option<FileDuration>,
 }
@@ -275,9 +332,6 @@ impl ServeArgs {
             advertise_port,
             region,
             shards,
-            pin_shards,
-            kernel_steering,
-            gso,
             io,
             max_connections_cap,
             max_allocations,
@@ -288,8 +342,30 @@ impl ServeArgs {
             join_failures_global_per_sec,
             log_format,
             unconfirmed_budget,
-            api_max_connections
+            api_max_connections_per_ip,
+            join_failures_per_token_per_min,
+            auth_failures_per_ip_per_min,
+            control_max_connections,
+            log_lifecycle,
+            log_lifecycle_sample
         );
+        macro_rules! merge_bool {
+            ($($f:ident),*) => { $(
+                if let Some(v) = self.$f.or(file_bool(stringify!($f), file.$f)?) { c.$f = v; }
+            )* };
+        }
+        merge_bool!(pin_shards, kernel_steering, gso);
+        c.api_max_connections = self.api_max_connections.or(file.api_max_connections);
+        c.advertise_ipv4 = self.advertise_ipv4.or(file.advertise_ipv4);
+        if let Some(v) = self.trusted_proxies {
+            c.trusted_proxies = v;
+        } else if let Some(v) = file.trusted_proxies {
+            c.trusted_proxies = v
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<_, _>>()
+                .map_err(|m: String| err("trusted_proxies", m))?;
+        }
         if let Some(v) = self.deny_sources {
             c.deny_sources = v;
         } else if let Some(v) = file.deny_sources {
@@ -357,6 +433,18 @@ mod tests {
         let p = file("shards = \"many\"\n\n\n");
         let e = ServeArgs { config: Some(p.clone()), ..Default::default() }.into_config().unwrap_err();
         assert_eq!(e.key, "shards", "{e}");
+        std::fs::remove_file(p).ok();
+    }
+
+    #[test]
+    fn booleans_in_the_file_accept_every_spelling() {
+        let p = file("gso = \"off\"\npin_shards = 0\nkernel_steering = \"yes\"\n");
+        let c = ServeArgs { config: Some(p.clone()), ..Default::default() }.into_config().unwrap();
+        assert_eq!((c.gso, c.pin_shards, c.kernel_steering), (false, false, true));
+        std::fs::remove_file(p).ok();
+        let p = file("gso = \"maybe\"\n\n\n\n");
+        let e = ServeArgs { config: Some(p.clone()), ..Default::default() }.into_config().unwrap_err();
+        assert_eq!(e.key, "gso", "{e}");
         std::fs::remove_file(p).ok();
     }
 

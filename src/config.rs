@@ -25,6 +25,37 @@ pub enum IoBackend {
     Uring,
 }
 
+/// At what level allocation lifecycle events (created, bound, connected, released) are logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LifecycleLog {
+    Info,
+    Debug,
+    Off,
+}
+
+impl std::str::FromStr for LifecycleLog {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "info" => Ok(Self::Info),
+            "debug" => Ok(Self::Debug),
+            "off" | "none" => Ok(Self::Off),
+            _ => Err(format!("`{s}` is not one of info, debug, off")),
+        }
+    }
+}
+
+/// Parses a boolean the way operators write them: `true/false`, `1/0`, `yes/no`, `on/off`
+/// (any case).
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("`{s}` is not a boolean (true/false, 1/0, yes/no, on/off)")),
+    }
+}
+
 /// The complete, validated configuration of `ferry serve`.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -33,6 +64,8 @@ pub struct Config {
     /// Host clients are told to reach the relay at (`serverEndpoints[].host`).
     pub advertise: String,
     pub advertise_port: u16,
+    /// The IPv4 literal of the deprecated `relayServer.ipV4` field; filled by `validate`.
+    pub advertise_ipv4: Option<Ipv4Addr>,
     pub region: String,
     pub shards: usize,
     /// Pin shard threads to cores (shard i on core i modulo the core count).
@@ -69,8 +102,23 @@ pub struct Config {
     pub deny_sources: Vec<crate::core::Cidr>,
     /// Bytes relayed to a freshly bound address before its client sends anything but BINDs.
     pub unconfirmed_budget: u32,
-    /// Most API connections open at once.
-    pub api_max_connections: usize,
+    /// Most API connections open at once; `None`: sized from the file-descriptor limit.
+    pub api_max_connections: Option<usize>,
+    /// Most API connections open at once from one IPv4 address or one IPv6 /64.
+    pub api_max_connections_per_ip: usize,
+    /// Proxies whose `X-Forwarded-For` is believed (the client is the last address they name
+    /// that is not itself a trusted proxy).
+    pub trusted_proxies: Vec<crate::core::Cidr>,
+    /// Failed joins per minute for each API token (apart from anonymous sources' budgets).
+    pub join_failures_per_token_per_min: u32,
+    /// Requests refused with 401 per minute per client IP before further ones get 429.
+    pub auth_failures_per_ip_per_min: u32,
+    /// Most control-socket connections open at once (Unix and TCP each).
+    pub control_max_connections: usize,
+    /// Level of allocation lifecycle log events.
+    pub log_lifecycle: LifecycleLog,
+    /// Log the lifecycle of one allocation in this many (1: every allocation).
+    pub log_lifecycle_sample: u32,
     /// An API connection must deliver each request's headers within this long.
     pub api_header_timeout: Duration,
     /// An API request body must arrive within this long.
@@ -123,6 +171,7 @@ impl Config {
             relay_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7777)),
             advertise: String::new(),
             advertise_port: 0,
+            advertise_ipv4: None,
             region: "local".into(),
             shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             pin_shards: true,
@@ -148,7 +197,14 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             deny_sources: Vec::new(),
             unconfirmed_budget: 32 * 1024,
-            api_max_connections: 1024,
+            api_max_connections: None,
+            api_max_connections_per_ip: 256,
+            trusted_proxies: Vec::new(),
+            join_failures_per_token_per_min: 120,
+            auth_failures_per_ip_per_min: 30,
+            control_max_connections: 64,
+            log_lifecycle: LifecycleLog::Info,
+            log_lifecycle_sample: 1,
             api_header_timeout: Duration::from_secs(5),
             api_body_timeout: Duration::from_secs(10),
         }
@@ -177,8 +233,17 @@ impl Config {
                 return Err(err(key, "must be at least 10ms"));
             }
         }
-        if self.api_max_connections == 0 {
+        if self.api_max_connections == Some(0) {
             return Err(err("api_max_connections", "must be at least 1"));
+        }
+        if self.api_max_connections_per_ip == 0 {
+            return Err(err("api_max_connections_per_ip", "must be at least 1"));
+        }
+        if self.control_max_connections == 0 {
+            return Err(err("control_max_connections", "must be at least 1"));
+        }
+        if self.log_lifecycle_sample == 0 {
+            return Err(err("log_lifecycle_sample", "must be at least 1 (1 logs every allocation)"));
         }
         if self.api_header_timeout < Duration::from_millis(10) {
             return Err(err("api_header_timeout", "must be at least 10ms"));
@@ -225,6 +290,20 @@ impl Config {
                 "advertise",
                 format!("`{}` is neither an IP address nor a host name", self.advertise),
             ));
+        }
+        if self.advertise_ipv4.is_none() {
+            let literal = match self.advertise.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) => Some(v4),
+                Ok(IpAddr::V6(v6)) => v6.to_ipv4_mapped(),
+                Err(_) => None,
+            };
+            // A DNS name or an IPv6 address: the field must still hold an IPv4 literal.
+            self.advertise_ipv4 = Some(literal.unwrap_or_else(|| {
+                match derive_advertise(&self.relay_listen, &self.api_listen) {
+                    IpAddr::V4(v4) => v4,
+                    IpAddr::V6(_) => first_interface_v4().unwrap_or(Ipv4Addr::LOCALHOST),
+                }
+            }));
         }
         if self.relay_secret == [0; 64] {
             getrandom::getrandom(&mut self.relay_secret).map_err(|e| err("relay_secret", e.to_string()))?;
@@ -297,6 +376,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn booleans() {
+        for t in ["true", "1", "yes", "on", "ON", " True "] {
+            assert_eq!(parse_bool(t), Ok(true), "{t}");
+        }
+        for f in ["false", "0", "no", "off", "Off"] {
+            assert_eq!(parse_bool(f), Ok(false), "{f}");
+        }
+        assert!(parse_bool("2").is_err());
+        assert!(parse_bool("").is_err());
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
@@ -312,6 +403,27 @@ mod tests {
         assert_eq!(c.advertise, "127.0.0.1");
         assert_eq!(c.advertise_port, 7777);
         assert_ne!(c.relay_secret, [0; 64]);
+        assert_eq!(c.advertise_ipv4, Some(Ipv4Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn relay_server_ipv4_is_always_an_ipv4_literal() {
+        for (advertise, want) in [
+            ("relay.example.com", Some(Ipv4Addr::LOCALHOST)),
+            ("2001:db8::7", Some(Ipv4Addr::LOCALHOST)),
+            ("::ffff:192.0.2.9", Some(Ipv4Addr::new(192, 0, 2, 9))),
+            ("198.51.100.4", Some(Ipv4Addr::new(198, 51, 100, 4))),
+        ] {
+            let mut c = Config::defaults();
+            c.advertise = advertise.into();
+            let c = c.validate().unwrap();
+            assert_eq!(c.advertise_ipv4, want, "{advertise}");
+            assert_eq!(c.advertise, advertise);
+        }
+        let mut c = Config::defaults();
+        c.advertise = "relay.example.com".into();
+        c.advertise_ipv4 = Some(Ipv4Addr::new(203, 0, 113, 1));
+        assert_eq!(c.validate().unwrap().advertise_ipv4, Some(Ipv4Addr::new(203, 0, 113, 1)));
     }
 
     #[test]

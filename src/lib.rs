@@ -21,6 +21,7 @@ pub mod core;
 pub mod harness;
 pub mod io;
 pub mod load;
+pub mod logging;
 pub mod metrics;
 pub mod serve;
 pub mod shard;

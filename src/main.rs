@@ -1,21 +1,63 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use ferry::cli::{Cli, Command};
 use ferry::config::LogFormat;
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal: a file or pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(ferry::logging::non_blocking(std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
 }
 
+/// A bad value that came from a `FERRY_*` variable rather than a flag: the message names the
+/// variable and the configuration key, not the flag the user never typed.
+fn env_error(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(e.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) {
+        return None;
+    }
+    let ContextValue::String(arg) = e.get(ContextKind::InvalidArg)? else { return None };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?.to_string();
+    let typed = std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
+    if typed {
+        return None;
+    }
+    let cmd = Cli::command();
+    let found = cmd
+        .get_subcommands()
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_long() == Some(long.as_str()) && a.get_env().is_some())?;
+    let var = found.get_env()?.to_string_lossy().into_owned();
+    let value = std::env::var(&var).ok()?;
+    let reason =
+        std::error::Error::source(e).map(|s| s.to_string()).unwrap_or_else(|| "not a valid value".into());
+    Some(format!(
+        "invalid configuration `{}`: environment variable {var}={value:?}: {reason}",
+        found.get_id()
+    ))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(msg) = env_error(&e) {
+                eprintln!("ferry: {msg}");
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     match cli.command {
         Command::Serve(args) => {
             let cfg = match args.into_config() {

@@ -131,3 +131,48 @@ mod tests {
         }
     }
 }
+
+/// Counters of the control plane that live outside the shards.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ControlPlane {
+    pub api_connections_accepted: u64,
+    pub api_connections_refused_per_ip: u64,
+    pub api_connections_refused_full: u64,
+    pub api_connections_shed: u64,
+    pub api_accept_errors: u64,
+    pub api_max_connections: u64,
+    pub log_lines_dropped: u64,
+    pub log_output_stalled: bool,
+}
+
+/// Renders the control plane's counters (appended to [`render`]'s text by `/metrics`).
+pub fn render_control(c: &ControlPlane) -> String {
+    let mut o = String::with_capacity(1024);
+    family(&mut o, "ferry_api_connections_total", "counter", "API connections by outcome at accept.");
+    for (result, v) in [
+        ("accepted", c.api_connections_accepted),
+        ("refused_per_ip", c.api_connections_refused_per_ip),
+        ("refused_full", c.api_connections_refused_full),
+        ("shed", c.api_connections_shed),
+        ("accept_error", c.api_accept_errors),
+    ] {
+        let _ = writeln!(o, "ferry_api_connections_total{{result=\"{result}\"}} {v}");
+    }
+    family(&mut o, "ferry_api_max_connections", "gauge", "API connections allowed open at once.");
+    let _ = writeln!(o, "ferry_api_max_connections {}", c.api_max_connections);
+    family(
+        &mut o,
+        "ferry_log_lines_dropped_total",
+        "counter",
+        "Log lines dropped because the output could not keep up.",
+    );
+    let _ = writeln!(o, "ferry_log_lines_dropped_total {}", c.log_lines_dropped);
+    family(
+        &mut o,
+        "ferry_log_output_stalled",
+        "gauge",
+        "1 while the log writer has been blocked on one write for over 5 s.",
+    );
+    let _ = writeln!(o, "ferry_log_output_stalled {}", c.log_output_stalled as u8);
+    o
+}

@@ -31,6 +31,7 @@ pub struct Running {
     api_task: tokio::task::JoinHandle<io::Result<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    _port_claim: crate::io::PortClaim,
 }
 
 /// The relay's own socket addresses: every local address at the relay's port when it listens on
@@ -61,6 +62,49 @@ fn core_config(cfg: &Config, shard: usize, relay: SocketAddr) -> CoreConfig {
     c
 }
 
+/// Raises the soft open-files limit to the hard one and returns it. Every API connection, control
+/// connection and socket costs a descriptor; the common default soft limit of 1,024 would let a
+/// connection flood starve the control plane.
+pub fn raise_nofile_limit() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+}
+
+/// The API connection cap: what the configuration asks for, or by default as many as the
+/// descriptor limit allows after what the rest of the process needs (capped at 4,096).
+fn api_connection_cap(cfg: &Config, nofile: usize) -> io::Result<usize> {
+    let reserve = 64 + 2 * cfg.control_max_connections + 8 * cfg.shards;
+    let fit = nofile.saturating_sub(reserve);
+    match cfg.api_max_connections {
+        Some(n) if n > fit => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "invalid configuration `api_max_connections`: {n} connections need more file descriptors than the \
+                 open-files limit ({nofile}) leaves after {reserve} for the rest of the relay; at most {fit} fit \
+                 (raise the hard limit, e.g. LimitNOFILE= in systemd)"
+            ),
+        )),
+        Some(n) => Ok(n),
+        None if fit < 16 => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the open-files limit ({nofile}) is too low to serve the API; raise it to at least {}", reserve + 16),
+        )),
+        None => Ok(fit.min(4096)),
+    }
+}
+
 fn with_context(e: io::Error, what: &str, addr: impl std::fmt::Display) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {addr}: {e}"))
 }
@@ -69,6 +113,10 @@ impl Running {
     /// Binds every socket and starts everything. Must be called inside a tokio runtime.
     pub async fn start(mut cfg: Config) -> io::Result<Self> {
         let clock = Clock::new();
+        let nofile = raise_nofile_limit();
+        let api_cap = api_connection_cap(&cfg, nofile)?;
+        let port_claim = crate::io::claim_udp_port(cfg.relay_listen)
+            .map_err(|e| with_context(e, "cannot bind relay_listen", cfg.relay_listen))?;
         // Shard 0 binds first so that port 0 (tests) resolves to one port all shards share.
         let first = bind_udp(cfg.relay_listen, cfg.shards > 1)
             .map_err(|e| with_context(e, "cannot bind relay_listen", cfg.relay_listen))?;
@@ -130,10 +178,13 @@ impl Running {
             relay.clone(),
             ServiceConfig {
                 advertise: cfg.advertise.clone(),
+                advertise_ipv4: cfg.advertise_ipv4.unwrap_or(std::net::Ipv4Addr::LOCALHOST).to_string(),
                 port: cfg.advertise_port,
                 region: cfg.region.clone(),
                 join_code_length: cfg.join_code_length,
                 max_connections_cap: cfg.max_connections_cap,
+                log_lifecycle: cfg.log_lifecycle,
+                log_lifecycle_sample: cfg.log_lifecycle_sample,
             },
         );
         let mut tasks = Vec::new();
@@ -149,6 +200,8 @@ impl Running {
             advertise: cfg.advertise.clone(),
             port: cfg.advertise_port,
             secret: None,
+            max_connections: cfg.control_max_connections,
+            clock,
         };
         if let Some(path) = cfg.control_socket.clone() {
             let c = control.clone();
@@ -179,6 +232,9 @@ impl Running {
             requests_per_sec: cfg.api_rate_limit,
             join_failures_per_ip_per_min: cfg.join_failures_per_ip_per_min,
             join_failures_global_per_sec: cfg.join_failures_global_per_sec,
+            join_failures_per_token_per_min: cfg.join_failures_per_token_per_min,
+            auth_failures_per_ip_per_min: cfg.auth_failures_per_ip_per_min,
+            trusted_proxies: cfg.trusted_proxies.clone(),
             body_timeout: cfg.api_body_timeout,
         };
         let state = ApiState::new(service.clone(), limits, clock);
@@ -188,11 +244,14 @@ impl Running {
         let api_addr = listener.local_addr()?;
         let (stop_api, stop_rx) = watch::channel(false);
         let app = api::router(state.clone());
-        let http_limits =
-            HttpLimits { max_connections: cfg.api_max_connections, header_timeout: cfg.api_header_timeout };
+        let http_limits = HttpLimits {
+            max_connections: api_cap,
+            per_source: cfg.api_max_connections_per_ip,
+            header_timeout: cfg.api_header_timeout,
+        };
         let http_stats = state.http.clone();
         let api_task =
-            tokio::spawn(crate::control::http::serve(listener, app, http_limits, http_stats, stop_rx));
+            tokio::spawn(crate::control::http::serve(listener, app, http_limits, http_stats, clock, stop_rx));
         tracing::info!(
             api = %api_addr,
             relay = %relay_addr,
@@ -201,6 +260,8 @@ impl Running {
             steering,
             io = if uring { "io_uring" } else { "epoll" },
             gso = cfg.gso,
+            api_max_connections = api_cap,
+            open_files_limit = nofile,
             region = %cfg.region,
             "ferry serving"
         );
@@ -215,6 +276,7 @@ impl Running {
             api_task,
             threads,
             tasks,
+            _port_claim: port_claim,
         })
     }
 

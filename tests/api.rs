@@ -89,20 +89,41 @@ fn every_bad_input_gets_a_problem() {
         r#"{"maxConnections": 101}"#,
         r#"{"maxConnections": 99999999999999999999}"#,
         r#"{"maxConnections": 2, "region": 7}"#,
+        "[4]",
+        r#"[4, "local"]"#,
+        "4",
+        r#""four""#,
+        "null",
+        "true",
     ] {
         assert_problem(&api, "POST", alloc, Some(body), 400, 15001);
     }
+    let (_, v, _) = call(&api, "POST", alloc, Some(r#"[4, "local"]"#));
+    assert!(v["detail"].as_str().unwrap().contains("must be a JSON object"), "{v}");
     let big = format!(r#"{{"maxConnections": 2, "pad": "{}"}}"#, "x".repeat(20_000));
-    assert_problem(&api, "POST", alloc, Some(&big), 400, 15001);
+    assert_problem(&api, "POST", alloc, Some(&big), 413, 15001);
     assert_problem(&api, "POST", alloc, Some(r#"{"maxConnections": 2, "region": "mars"}"#), 404, 15007);
 
-    for body in ["", "{}", r#"{"allocationId": 5}"#, r#"{"allocationId": "not-a-uuid"}"#] {
+    for body in [
+        "",
+        "{}",
+        r#"{"allocationId": 5}"#,
+        r#"{"allocationId": "not-a-uuid"}"#,
+        r#"["3f2504e0-4f89-41d3-9a0c-0305e82c3301"]"#,
+    ] {
         assert_problem(&api, "POST", "/v1/joincode", Some(body), 400, 15001);
     }
     let unknown = r#"{"allocationId": "3f2504e0-4f89-41d3-9a0c-0305e82c3301"}"#;
     assert_problem(&api, "POST", "/v1/joincode", Some(unknown), 404, 15008);
 
-    for body in ["", "{}", r#"{"joinCode": 123}"#, r#"{"joinCode": "ABC"}"#, r#"{"joinCode": "AAAAAAAA"}"#] {
+    for body in [
+        "",
+        "{}",
+        r#"{"joinCode": 123}"#,
+        r#"{"joinCode": "ABC"}"#,
+        r#"{"joinCode": "AAAAAAAA"}"#,
+        r#"["6789BCDF"]"#,
+    ] {
         assert_problem(&api, "POST", "/v1/join", Some(body), 400, 15001);
     }
     assert_problem(&api, "POST", "/v1/join", Some(r#"{"joinCode": "6789BCDF"}"#), 404, 15009);
@@ -254,20 +275,43 @@ mod slow_clients {
     }
 
     #[test]
-    fn connection_cap_refuses_extra_connections() {
+    fn a_full_table_sheds_the_oldest_idle_connection() {
         let srv = Server::start(|c| {
-            c.api_max_connections = 3;
+            c.api_max_connections = Some(3);
             c.api_header_timeout = Duration::from_secs(30);
         });
         let api = srv.running().api_addr;
-        let held: Vec<TcpStream> = (0..3).map(|_| connect_from("127.0.0.1", api)).collect();
+        let mut held: Vec<TcpStream> = Vec::new();
+        for _ in 0..3 {
+            held.push(connect_from("127.0.0.1", api));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        // A newcomer with a real request takes the place of the oldest idle connection.
+        let s =
+            status_of("127.0.0.2", api, "GET /v1/regions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert_eq!(s, 200);
+        assert!(closed_by_server(&mut held[0]), "the oldest idle connection is cut");
+        assert!(srv.running().state.http.shed.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        assert!(srv.metric("ferry_api_connections_total{result=\"shed\"}") >= 1);
+    }
+
+    #[test]
+    fn per_source_cap_refuses_extra_connections_from_one_address() {
+        let srv = Server::start(|c| {
+            c.api_max_connections_per_ip = 3;
+            c.api_header_timeout = Duration::from_secs(30);
+        });
+        let api = srv.running().api_addr;
+        let held: Vec<TcpStream> = (0..3).map(|_| connect_from("127.0.0.3", api)).collect();
         std::thread::sleep(Duration::from_millis(200));
-        let mut extra = connect_from("127.0.0.1", api);
-        assert!(closed_by_server(&mut extra), "the fourth connection is closed on accept");
-        assert!(srv.running().state.http.refused.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        let mut extra = connect_from("127.0.0.3", api);
+        assert!(closed_by_server(&mut extra), "the fourth connection from one address is closed on accept");
+        assert!(srv.running().state.http.refused_per_source.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        let s =
+            status_of("127.0.0.4", api, "GET /v1/regions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert_eq!(s, 200, "other addresses are served");
         drop(held);
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(srv.api().regions().is_ok(), "room again once they close");
     }
 
     #[test]

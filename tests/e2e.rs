@@ -178,7 +178,8 @@ fn unbound_allocation_expires_and_its_code_dies() {
     let code = api.join_code(&a.allocation_id).unwrap();
     std::thread::sleep(Duration::from_millis(900));
     let raw = Raw::new(&a);
-    assert_eq!(raw.bind(0), error(&raw.id, ErrorCode::AllocationNotFound));
+    // A BIND for a timed-out allocation gets ERROR 1, as PING and RELAY do.
+    assert_eq!(raw.bind(0), error(&raw.id, ErrorCode::AllocationTimedOut));
     assert!(matches!(api.join(&code), Err(ferry::client::ApiError::Problem(p)) if p.code == 15009));
     assert_eq!(srv.metric("ferry_allocations_released_total{reason=\"timed_out\"}"), 1);
 }

@@ -245,7 +245,7 @@ fn unbound_allocation_expires_exactly_at_60s() {
     sim.run_until(60_000);
     assert!(!sim.core.is_live(&host.id));
     assert!(!sim.core.is_live(&j.id), "joiner released with its host");
-    assert_eq!(sim.bind(&host), Out::Reply(error(&host.id, ErrorCode::AllocationNotFound)));
+    assert_eq!(sim.bind(&host), Out::Reply(error(&host.id, ErrorCode::AllocationTimedOut)));
 }
 
 #[test]

@@ -4,22 +4,22 @@
 //! malformed input is a 4xx, never a 500.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use axum::body::{to_bytes, Body};
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::extract::{Extension, MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 
+pub use super::guard::ApiLimits;
+use super::guard::{guard, Caller, Limiters};
+use super::http::Progress;
 use super::model::*;
-use super::ratelimit::KeyedLimiter;
 use super::service::{AllocationService, ServiceError};
 use crate::clock::Clock;
 
@@ -38,64 +38,29 @@ impl ApiMetrics {
     }
 }
 
-/// API limits, from the configuration.
-#[derive(Clone, Debug)]
-pub struct ApiLimits {
-    pub tokens: Vec<String>,
-    pub requests_per_sec: u32,
-    pub join_failures_per_ip_per_min: u32,
-    pub join_failures_global_per_sec: u32,
-    /// A request body must arrive completely within this long.
-    pub body_timeout: std::time::Duration,
-}
-
-struct Limiters {
-    per_ip: KeyedLimiter<IpAddr>,
-    per_token: KeyedLimiter<String>,
-    join_fail_ip: KeyedLimiter<IpAddr>,
-    join_fail_global: KeyedLimiter<()>,
-}
-
 #[derive(Clone)]
 pub struct ApiState {
     pub service: Arc<AllocationService>,
     pub metrics: Arc<ApiMetrics>,
     pub http: Arc<super::http::HttpStats>,
-    limits: Arc<ApiLimits>,
+    pub(crate) limits: Arc<ApiLimits>,
     limiters: Arc<Mutex<Limiters>>,
-    clock: Clock,
+    pub(crate) clock: Clock,
 }
 
 impl ApiState {
     pub fn new(service: Arc<AllocationService>, limits: ApiLimits, clock: Clock) -> Self {
-        let rps = limits.requests_per_sec as f64;
-        let limiters = Limiters {
-            per_ip: KeyedLimiter::new(rps, 1000.0, rps * 2.0, 100_000),
-            per_token: KeyedLimiter::new(rps, 1000.0, rps * 2.0, 100_000),
-            join_fail_ip: KeyedLimiter::new(
-                limits.join_failures_per_ip_per_min as f64,
-                60_000.0,
-                limits.join_failures_per_ip_per_min as f64,
-                100_000,
-            ),
-            join_fail_global: KeyedLimiter::new(
-                limits.join_failures_global_per_sec as f64,
-                1000.0,
-                limits.join_failures_global_per_sec as f64,
-                1,
-            ),
-        };
         Self {
             service,
             metrics: Arc::new(ApiMetrics::default()),
             http: Arc::new(super::http::HttpStats::default()),
+            limiters: Arc::new(Mutex::new(Limiters::new(&limits))),
             limits: Arc::new(limits),
-            limiters: Arc::new(Mutex::new(limiters)),
             clock,
         }
     }
 
-    fn limiters(&self) -> std::sync::MutexGuard<'_, Limiters> {
+    pub(crate) fn limiters(&self) -> std::sync::MutexGuard<'_, Limiters> {
         self.limiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -147,13 +112,40 @@ fn ok<T: Serialize>(status: StatusCode, data: T) -> Response {
     r
 }
 
-/// Reads and parses a JSON body with a size cap and a deadline, answering every failure with a
-/// 4xx problem.
-async fn json_body<T: DeserializeOwned>(st: &ApiState, body: Body) -> Result<T, Response> {
+fn too_large() -> Response {
+    problem(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        15001,
+        "Payload Too Large",
+        format!("request body is larger than {MAX_BODY} bytes"),
+    )
+}
+
+/// 429 with `Retry-After`.
+pub(crate) fn too_many(detail: &str, retry_after_secs: u64) -> Response {
+    let mut r = problem(StatusCode::TOO_MANY_REQUESTS, 15429, "Too Many Requests", detail);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+    r
+}
+
+/// Reads and parses a JSON object body with a size cap and a deadline, answering every failure
+/// with a 4xx problem.
+async fn json_body<T: DeserializeOwned>(
+    st: &ApiState,
+    progress: Option<Extension<Progress>>,
+    body: Body,
+) -> Result<T, Response> {
     let bytes = match tokio::time::timeout(st.limits.body_timeout, to_bytes(body, MAX_BODY)).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(_)) => {
-            return Err(invalid(format!("request body is larger than {MAX_BODY} bytes or could not be read")))
+        Ok(Ok(b)) => {
+            if let Some(Extension(p)) = progress {
+                p.request_complete();
+            }
+            b
+        }
+        Ok(Err(e)) => {
+            let over =
+                std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return Err(if over { too_large() } else { invalid("request body could not be read") });
         }
         Err(_) => {
             return Err(problem(
@@ -167,11 +159,23 @@ async fn json_body<T: DeserializeOwned>(st: &ApiState, body: Body) -> Result<T, 
     if bytes.is_empty() {
         return Err(invalid("request body is empty; expected a JSON object"));
     }
-    serde_json::from_slice(&bytes).map_err(|e| invalid(format!("request body is not valid: {e}")))
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| invalid(format!("request body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        let kind = match value {
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::Bool(_) => "a boolean",
+            _ => "null",
+        };
+        return Err(invalid(format!("request body must be a JSON object, got {kind}")));
+    }
+    serde_json::from_value(value).map_err(|e| invalid(format!("request body is not valid: {e}")))
 }
 
-async fn allocate(State(st): State<ApiState>, body: Body) -> Response {
-    let req: AllocateRequest = match json_body(&st, body).await {
+async fn allocate(State(st): State<ApiState>, progress: Option<Extension<Progress>>, body: Body) -> Response {
+    let req: AllocateRequest = match json_body(&st, progress, body).await {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -181,8 +185,8 @@ async fn allocate(State(st): State<ApiState>, body: Body) -> Response {
     }
 }
 
-async fn joincode(State(st): State<ApiState>, body: Body) -> Response {
-    let req: JoinCodeRequest = match json_body(&st, body).await {
+async fn joincode(State(st): State<ApiState>, progress: Option<Extension<Progress>>, body: Body) -> Response {
+    let req: JoinCodeRequest = match json_body(&st, progress, body).await {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -197,28 +201,20 @@ async fn joincode(State(st): State<ApiState>, body: Body) -> Response {
 
 async fn join(
     State(st): State<ApiState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
+    progress: Option<Extension<Progress>>,
     body: Body,
 ) -> Response {
-    let req: JoinRequest = match json_body(&st, body).await {
+    let req: JoinRequest = match json_body(&st, progress, body).await {
         Ok(r) => r,
         Err(r) => return r,
     };
     let now = st.clock.now();
-    let ip = peer.ip();
-    {
-        let mut l = st.limiters();
-        if !l.join_fail_ip.has(&ip, now) || !l.join_fail_global.has(&(), now) {
-            return problem(
-                StatusCode::TOO_MANY_REQUESTS,
-                15429,
-                "Too Many Requests",
-                "too many failed joins; wait before trying again",
-            );
-        }
+    if let Some(secs) = st.limiters().join_blocked(&caller, now) {
+        return too_many("too many failed joins; wait before trying again", secs);
     }
     if super::joincode::normalize(&req.join_code).is_none() {
-        st.limiters().join_fail_ip.take(&ip, now);
+        st.limiters().join_failed(&caller, now);
         return invalid(format!(
             "joinCode must be 6 to 12 characters of {}",
             std::str::from_utf8(super::joincode::ALPHABET).unwrap_or_default()
@@ -228,9 +224,7 @@ async fn join(
         Ok(a) => ok(StatusCode::OK, JoinData { allocation: a }),
         Err(e) => {
             if e == ServiceError::JoinCodeNotFound {
-                let mut l = st.limiters();
-                l.join_fail_ip.take(&ip, now);
-                l.join_fail_global.take(&(), now);
+                st.limiters().join_failed(&caller, now);
             }
             service_problem(e)
         }
@@ -250,8 +244,25 @@ async fn regions(State(st): State<ApiState>) -> Response {
     )
 }
 
-async fn healthz() -> Response {
-    (StatusCode::OK, "ok\n").into_response()
+/// Liveness of the control plane itself: the service's state can be locked and every shard
+/// answers, each within a deadline. A control plane stuck behind a blocked lock or dead shards
+/// answers 503 (or not at all) instead of a cheerful 200.
+async fn healthz(State(st): State<ApiState>) -> Response {
+    let svc = st.service.clone();
+    let lock = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        tokio::task::spawn_blocking(move || svc.hosts()),
+    )
+    .await;
+    if !matches!(lock, Ok(Ok(_))) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "control plane stalled: allocation state is locked\n")
+            .into_response();
+    }
+    let n = st.service.relay().shard_count();
+    match tokio::time::timeout(std::time::Duration::from_secs(2), st.service.relay().stats()).await {
+        Ok(s) if s.len() == n => (StatusCode::OK, "ok\n").into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "relay shards not answering\n").into_response(),
+    }
 }
 
 async fn readyz(State(st): State<ApiState>) -> Response {
@@ -268,7 +279,19 @@ async fn readyz(State(st): State<ApiState>) -> Response {
 
 async fn metrics(State(st): State<ApiState>) -> Response {
     let shards = st.service.relay().stats().await;
-    let text = crate::metrics::render(&shards, &st.metrics.snapshot(), st.service.hosts());
+    let mut text = crate::metrics::render(&shards, &st.metrics.snapshot(), st.service.hosts());
+    let h = &st.http;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    text.push_str(&crate::metrics::render_control(&crate::metrics::ControlPlane {
+        api_connections_accepted: get(&h.accepted),
+        api_connections_refused_per_ip: get(&h.refused_per_source),
+        api_connections_refused_full: get(&h.refused_full),
+        api_connections_shed: get(&h.shed),
+        api_accept_errors: get(&h.accept_errors),
+        api_max_connections: get(&h.max_connections),
+        log_lines_dropped: crate::logging::dropped_lines(),
+        log_output_stalled: crate::logging::output_stalled(),
+    }));
     let mut r = (StatusCode::OK, text).into_response();
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
@@ -279,46 +302,16 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
     problem(StatusCode::NOT_FOUND, 15001, "Not Found", format!("no route for {method} {}", uri.path()))
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
-}
-
-/// Auth and rate limits for `/v1/*`.
-async fn guard(
-    State(st): State<ApiState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let now = st.clock.now();
-    let token = bearer(req.headers()).map(str::to_string);
-    if !st.limits.tokens.is_empty() {
-        let valid = token.as_deref().is_some_and(|t| {
-            st.limits.tokens.iter().fold(false, |acc, k| acc | bool::from(k.as_bytes().ct_eq(t.as_bytes())))
-        });
-        if !valid {
-            let detail = if token.is_some() {
-                "bearer token not accepted"
-            } else {
-                "missing Authorization: Bearer token"
-            };
-            return problem(StatusCode::UNAUTHORIZED, 15401, "Unauthorized", detail);
-        }
-    }
-    let limited = {
-        let mut l = st.limiters();
-        let ip = peer.ip();
-        if !l.per_ip.take(&ip, now) {
-            Some(l.per_ip.retry_after_secs(&ip, now))
-        } else if let Some(t) = token.as_ref().filter(|_| !st.limits.tokens.is_empty()) {
-            (!l.per_token.take(t, now)).then(|| l.per_token.retry_after_secs(t, now))
-        } else {
-            None
-        }
-    };
-    if let Some(secs) = limited {
-        let mut r = problem(StatusCode::TOO_MANY_REQUESTS, 15429, "Too Many Requests", "rate limit exceeded");
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+/// Refuses a declared body over the cap before reading any of it.
+async fn refuse_oversize(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        let mut r = too_large();
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         return r;
     }
     next.run(req).await
@@ -357,6 +350,7 @@ pub fn router(st: ApiState) -> Router {
                 format!("{method} is not allowed on {}", uri.path()),
             )
         })
+        .layer(middleware::from_fn(refuse_oversize))
         .layer(middleware::from_fn_with_state(st.clone(), count))
         .with_state(st)
 }

@@ -1,5 +1,7 @@
 //! Token buckets keyed by client IP or token, for the HTTP API. The table is bounded: when it
-//! grows past its cap, buckets that have refilled completely (idle clients) are forgotten.
+//! is full, buckets that have refilled completely (idle clients, who lose nothing by being
+//! forgotten) go first; if that frees nothing, the least recently used eighth is evicted. Active
+//! clients' histories (a guesser's spent failed-join budget) survive a flood of new keys.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -31,8 +33,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             let (per_ms, burst) = (self.per_ms, self.burst);
             self.map.retain(|_, b| b.tokens + (now.saturating_sub(b.last)) as f64 * per_ms < burst);
             if self.map.len() >= self.max_keys {
-                // Everyone is active: share one bucket rather than grow without bound.
-                self.map.clear();
+                self.evict_least_recent();
             }
         }
         let burst = self.burst;
@@ -41,6 +42,25 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         b.tokens = (b.tokens + elapsed * self.per_ms).min(burst);
         b.last = b.last.max(now);
         b
+    }
+
+    /// Forgets the least recently used eighth of the keys (at least one). Amortised O(1) per
+    /// new key: one linear selection frees room for `max_keys / 8` newcomers.
+    fn evict_least_recent(&mut self) {
+        let n = (self.map.len() / 8).max(1);
+        let mut ages: Vec<Millis> = self.map.values().map(|b| b.last).collect();
+        let idx = n.min(ages.len()) - 1;
+        let (_, cutoff, _) = ages.select_nth_unstable(idx);
+        let cutoff = *cutoff;
+        let mut left = n;
+        self.map.retain(|_, b| {
+            if left > 0 && b.last <= cutoff {
+                left -= 1;
+                false
+            } else {
+                true
+            }
+        });
     }
 
     /// Takes one token if there is one.
@@ -88,6 +108,20 @@ mod tests {
         assert_eq!(l.retry_after_secs(&1, 0), 1);
         for k in 0..10_000 {
             l.take(&k, 1000);
+        }
+        assert!(l.len() <= 100);
+    }
+
+    #[test]
+    fn a_full_table_keeps_the_recently_active() {
+        // A spent failed-join budget must survive a flood of new keys.
+        let mut l = KeyedLimiter::new(1.0, 60_000.0, 1.0, 100);
+        assert!(l.take(&0, 0));
+        assert!(!l.has(&0, 0));
+        for k in 1..1000u32 {
+            l.take(&k, 1 + k as u64);
+            // The guesser keeps trying: it stays recent and keeps its empty bucket.
+            assert!(!l.has(&0, 1 + k as u64), "history of key 0 lost at key {k}");
         }
         assert!(l.len() <= 100);
     }

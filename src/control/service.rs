@@ -16,10 +16,29 @@ use crate::wire::AllocationId;
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
     pub advertise: String,
+    /// The IPv4 literal for the deprecated `relayServer.ipV4` (Unity parses it as one).
+    pub advertise_ipv4: String,
     pub port: u16,
     pub region: String,
     pub join_code_length: usize,
     pub max_connections_cap: u16,
+    /// Level of lifecycle events (created, bound, connected, released).
+    pub log_lifecycle: crate::config::LifecycleLog,
+    /// Lifecycle events are logged for one allocation in this many.
+    pub log_lifecycle_sample: u32,
+}
+
+/// Logs a lifecycle event about allocation `$id` at the configured level, if it is sampled.
+macro_rules! lifecycle {
+    ($svc:expr, $id:expr, $($arg:tt)+) => {
+        if $svc.sampled(&$id) {
+            match $svc.cfg.log_lifecycle {
+                crate::config::LifecycleLog::Info => tracing::info!($($arg)+),
+                crate::config::LifecycleLog::Debug => tracing::debug!($($arg)+),
+                crate::config::LifecycleLog::Off => {}
+            }
+        }
+    };
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +125,13 @@ impl AllocationService {
         self.draining.load(Ordering::SeqCst)
     }
 
+    /// Whether `id`'s lifecycle is logged: one allocation in `log_lifecycle_sample`, chosen by
+    /// random ID bytes, so a sampled allocation's whole story is in the log.
+    fn sampled(&self, id: &AllocationId) -> bool {
+        let n = self.cfg.log_lifecycle_sample.max(1);
+        n == 1 || u32::from_be_bytes([id.0[4], id.0[5], id.0[7], id.0[9]]) % n == 0
+    }
+
     fn allocation(&self, c: &Created) -> Allocation {
         Allocation {
             allocation_id: c.id.to_string(),
@@ -118,7 +144,7 @@ impl AllocationService {
                 host: self.cfg.advertise.clone(),
                 port: self.cfg.port,
             }],
-            relay_server: RelayServer { ip_v4: self.cfg.advertise.clone(), port: self.cfg.port },
+            relay_server: RelayServer { ip_v4: self.cfg.advertise_ipv4.clone(), port: self.cfg.port },
             key: c.key.to_base64(),
             connection_data: B64.encode(c.connection_data),
             region: self.cfg.region.clone(),
@@ -144,7 +170,7 @@ impl AllocationService {
         }
         let (shard, created) = self.relay.create_host(max_connections as u16).await?;
         self.codes().add_host(created.id, B64.encode(created.connection_data));
-        tracing::info!(allocation = %created.id, shard, max_connections, "host allocation created");
+        lifecycle!(self, created.id, allocation = %created.id, shard, max_connections, "host allocation created");
         Ok(self.allocation(&created))
     }
 
@@ -177,7 +203,7 @@ impl AllocationService {
             ServiceError::AllocationNotFound => ServiceError::JoinCodeNotFound,
             other => other,
         })?;
-        tracing::info!(allocation = %created.id, host = %host, "joiner allocation created");
+        lifecycle!(self, created.id, allocation = %created.id, host = %host, "joiner allocation created");
         Ok(JoinAllocation { allocation: self.allocation(&created), host_connection_data })
     }
 
@@ -185,10 +211,10 @@ impl AllocationService {
     pub fn on_event(&self, shard: usize, ev: Event) {
         match ev {
             Event::Bound { id, addr, moved } => {
-                tracing::info!(allocation = %id, shard, %addr, moved, "allocation bound")
+                lifecycle!(self, id, allocation = %id, shard, %addr, moved, "allocation bound")
             }
             Event::Connected { host, joiner } => {
-                tracing::info!(allocation = %joiner, host = %host, shard, "peer connected")
+                lifecycle!(self, joiner, allocation = %joiner, host = %host, shard, "peer connected")
             }
             Event::Released { id, is_host, reason } => {
                 if is_host {
@@ -200,7 +226,7 @@ impl AllocationService {
                         tracing::debug!(allocation = %id, shard, role, reason = reason.as_str(), "allocation released")
                     }
                     _ => {
-                        tracing::info!(allocation = %id, shard, role, reason = reason.as_str(), "allocation released")
+                        lifecycle!(self, id, allocation = %id, shard, role, reason = reason.as_str(), "allocation released")
                     }
                 }
             }

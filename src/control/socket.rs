@@ -91,6 +91,9 @@ pub struct ControlServer {
     pub port: u16,
     /// `Some` on TCP: clients must prove they know it.
     pub secret: Option<Arc<str>>,
+    /// Most connections open at once on one listener; more are closed on accept.
+    pub max_connections: usize,
+    pub clock: crate::clock::Clock,
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Vec<u8>> {
@@ -190,37 +193,133 @@ impl ControlServer {
 
     /// Binds a Unix socket at `path` (replacing a stale file) with mode 0600.
     pub fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::remove_file(path);
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "the path exists and is not a socket",
+                ));
+            }
+            // A socket file that still accepts connections belongs to a live relay: never take it
+            // over. One that refuses them was left behind by a relay that exited.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another running relay is serving this control socket",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
         let l = std::os::unix::net::UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         l.set_nonblocking(true)?;
         tokio::net::UnixListener::from_std(l)
     }
 
-    /// Accepts on a Unix listener from [`bind_unix`](Self::bind_unix).
+    /// Accepts on a Unix listener from [`bind_unix`](Self::bind_unix). Never returns on an accept
+    /// error (out of file descriptors, say): it backs off and accepts again.
     pub async fn run_unix(self, listener: tokio::net::UnixListener) -> io::Result<()> {
+        let me = Arc::new(self);
+        let mut gate = AcceptGate::new("control socket", me.max_connections, me.clock);
         loop {
-            let (s, _) = listener.accept().await?;
-            let me = self.clone();
+            let r = listener.accept().await;
+            let Some((s, permit)) = gate.admit(r.map(|(s, _)| s)).await else { continue };
+            let me = me.clone();
             tokio::spawn(async move {
                 if let Err(e) = me.serve_conn(s).await {
                     tracing::debug!(error = %e, "control connection ended");
                 }
+                drop(permit);
             });
         }
     }
 
-    /// Accepts on a (loopback) TCP listener.
+    /// Accepts on a (loopback) TCP listener, like [`run_unix`](Self::run_unix). Failed
+    /// authentications are logged at most once per ten seconds, with a count.
     pub async fn run_tcp(self, listener: tokio::net::TcpListener) -> io::Result<()> {
+        let me = Arc::new(self);
+        let mut gate = AcceptGate::new("control listener", me.max_connections, me.clock);
+        let auth_log = Arc::new(std::sync::Mutex::new(AuthFailLog::default()));
         loop {
-            let (s, peer) = listener.accept().await?;
-            let me = self.clone();
+            let r = listener.accept().await;
+            let Some(((s, peer), permit)) = gate.admit(r).await else { continue };
+            let (me, auth_log) = (me.clone(), auth_log.clone());
             tokio::spawn(async move {
-                if let Err(e) = me.serve_conn(s).await {
-                    tracing::warn!(%peer, error = %e, "control connection ended");
+                match me.serve_conn(s).await {
+                    Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                        let now = me.clock.now();
+                        auth_log.lock().unwrap_or_else(|p| p.into_inner()).note(peer, now);
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "control connection ended"),
+                    Ok(()) => {}
                 }
+                drop(permit);
             });
+        }
+    }
+}
+
+/// Failed control authentications, summarised in one warning per ten seconds.
+#[derive(Default)]
+struct AuthFailLog {
+    last: Option<crate::clock::Millis>,
+    count: u64,
+}
+
+impl AuthFailLog {
+    fn note(&mut self, peer: SocketAddr, now: crate::clock::Millis) {
+        self.count += 1;
+        if self.last.is_some_and(|l| now.saturating_sub(l) < crate::control::http::LOG_EVERY_MS) {
+            return;
+        }
+        self.last = Some(now);
+        let failures = std::mem::take(&mut self.count);
+        tracing::warn!(%peer, failures, "control connections refused: bad control secret (count since the last such line)");
+    }
+}
+
+/// The connection cap and error handling of a control accept loop.
+struct AcceptGate {
+    what: &'static str,
+    slots: Arc<tokio::sync::Semaphore>,
+    log: crate::control::http::RefusalLog,
+    clock: crate::clock::Clock,
+    backoff: Duration,
+}
+
+impl AcceptGate {
+    fn new(what: &'static str, max: usize, clock: crate::clock::Clock) -> Self {
+        Self {
+            what,
+            slots: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+            log: Default::default(),
+            clock,
+            backoff: Duration::from_millis(5),
+        }
+    }
+
+    /// The accepted connection with its slot, or `None` after an error (backed off) or when
+    /// every slot is taken (the connection is closed).
+    async fn admit<T>(&mut self, r: io::Result<T>) -> Option<(T, tokio::sync::OwnedSemaphorePermit)> {
+        use crate::control::http::RefusalLog;
+        match r {
+            Err(_) => {
+                self.log.note(self.what, RefusalLog::ACCEPT_ERROR, self.clock.now());
+                tokio::time::sleep(self.backoff).await;
+                self.backoff = (self.backoff * 2).min(Duration::from_millis(500));
+                None
+            }
+            Ok(c) => {
+                self.backoff = Duration::from_millis(5);
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(p) => Some((c, p)),
+                    Err(_) => {
+                        self.log.note(self.what, RefusalLog::FULL, self.clock.now());
+                        None
+                    }
+                }
+            }
         }
     }
 }

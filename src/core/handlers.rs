@@ -124,6 +124,13 @@ impl Core {
     }
 
     fn on_bad_version(&mut self, now: Millis, src: SocketAddr, buf: &mut [u8]) -> Action {
+        // Replies are never answered, whatever their version: two relays (or a relay and a
+        // spoofed source) must not be able to bounce errors between each other.
+        let never_answered =
+            [MessageType::Error, MessageType::BindReceived, MessageType::Accepted, MessageType::Rejected];
+        if never_answered.iter().any(|t| buf[3] == *t as u8) {
+            return Action::Drop(DropReason::BadVersion);
+        }
         // The ID sits at offset 8 in a BIND (inside its connection data), 4 in everything else.
         let off = if buf[3] == MessageType::Bind as u8 { 8 } else { 4 };
         if buf.len() < off + 16 {
@@ -184,8 +191,15 @@ impl Core {
         let Ok(id) = ConnectionData::parse(bind.connection_data()) else {
             return Action::Drop(DropReason::BadConnData);
         };
-        let Some(i) = self.peer(now, &id) else {
-            return self.error(now, src, buf, id, ErrorCode::AllocationNotFound);
+        // A timed-out allocation gets ERROR 1 here as for every other message.
+        let i = match self.table.find(&id) {
+            Found::Live(i) if now >= self.deadline(i) => {
+                self.release(i, ReleaseReason::TimedOut);
+                return self.error(now, src, buf, id, ErrorCode::AllocationTimedOut);
+            }
+            Found::Live(i) => i,
+            Found::TimedOut => return self.error(now, src, buf, id, ErrorCode::AllocationTimedOut),
+            Found::Unknown => return self.error(now, src, buf, id, ErrorCode::AllocationNotFound),
         };
         if !auth::verify_bind(&self.table.keys[i as usize], &bind) {
             return Action::Drop(DropReason::BadHmac);
@@ -199,7 +213,10 @@ impl Core {
                 s.nonce = s.nonce.max(nonce);
                 self.stats.binds_repeat += 1;
             }
-            Some(_) if nonce <= s.nonce && now.saturating_sub(s.last_seen) < quiet => {
+            // A move needs a nonce above the highest this allocation has used, or the same one
+            // after `rebind_quiet` of silence (UTP 1.x never changes its nonce). A lower nonce
+            // never moves it: an old captured BIND is dead once the client has used a later one.
+            Some(_) if nonce < s.nonce || (nonce == s.nonce && now.saturating_sub(s.last_seen) < quiet) => {
                 return Action::Drop(DropReason::RebindRefused);
             }
             prev => {

@@ -142,8 +142,9 @@ impl Core {
     pub fn new(cfg: CoreConfig, now: Millis) -> Self {
         Self {
             table: Table::new(cfg.max_allocations as usize, {
-                let m = PreKeyedHmac::new(&cfg.conn_secret).mac(b"ferry slot mask");
-                u32::from_be_bytes([m[0], m[1], m[2], m[3]])
+                let m = PreKeyedHmac::new(&cfg.conn_secret).mac(b"ferry slot permutation");
+                let k = |i: usize| u32::from_be_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
+                table::SlotCipher::new([k(0), k(4), k(8), k(12)])
             }),
             wheel: TimerWheel::new(now),
             conn: ConnectionData::new(&cfg.conn_secret),
@@ -251,12 +252,12 @@ impl Core {
     }
 
     fn alloc(&mut self, now: Millis, role: Role, entropy: &Entropy) -> Result<u32, ControlError> {
-        let (shard, shards, mask) = (self.cfg.shard, self.cfg.shards, self.table.mask);
+        let (shard, shards, cipher) = (self.cfg.shard, self.cfg.shards, self.table.cipher);
         let key = PreKeyedHmac::new(&entropy.key);
         let seed = entropy.id;
         let i = self
             .table
-            .alloc(now, key, role, |slot| mint_id(seed, shard, shards, slot, mask))
+            .alloc(now, key, role, |slot| mint_id(seed, shard, shards, slot, &cipher))
             .ok_or(ControlError::Full)?;
         let deadline = self.deadline(i);
         self.table.slots[i as usize].timer = self.wheel.insert(deadline, i);

@@ -285,7 +285,9 @@ pub(super) fn run(
     // slots), so that on every way out the ring is dropped, and torn down, before that memory.
     let mut ring = ring;
 
-    loop {
+    // Every way out of the loop goes through `teardown`: in-flight sends and the multishot
+    // requests are cancelled and completed before the ring and the memory they use are dropped.
+    let result = 'turn: loop {
         let (submitter, mut sq, mut cq) = ring.split();
         cq.sync();
         if cq.is_empty() {
@@ -301,7 +303,7 @@ pub(super) fn run(
                         e.raw_os_error(),
                         Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
                     ) => {}
-                Err(e) => return Err(e),
+                Err(e) => break 'turn Err(e),
             }
             cq.sync();
         } else if !sq.is_empty() {
@@ -311,7 +313,7 @@ pub(super) fn run(
             match submitter.submit() {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-                Err(e) => return Err(e),
+                Err(e) => break 'turn Err(e),
             }
             cq.sync();
         }
@@ -449,7 +451,11 @@ pub(super) fn run(
             // SAFETY: the slot and the buffers stay untouched until this send completes.
             while unsafe { sq.push(&sqe) }.is_err() {
                 sq.sync();
-                submitter.submit()?;
+                match submitter.submit() {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+                    Err(e) => break 'turn Err(e),
+                }
                 sq.sync();
             }
             i = end;
@@ -478,10 +484,11 @@ pub(super) fn run(
             let _ = unsafe { libc::read(efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
         }
         if st.mailbox(&rx, clock.now(), &mut send_one) {
-            teardown(&mut ring);
-            return Ok(());
+            break Ok(());
         }
         st.core.handle_timeout(clock.now());
         st.flush_core(&mut send_one);
-    }
+    };
+    teardown(&mut ring);
+    result
 }
