@@ -29,6 +29,8 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Run a full allocate → join code → join → bind → connect → relay round trip against an API.
     Demo(DemoArgs),
+    /// Operate a running relay through its control socket: counters, releasing an allocation.
+    Ctl(CtlArgs),
     /// Generate load against a Ferry deployment (or a baseline) and measure it.
     Load(Box<crate::load::LoadArgs>),
     /// The B1 ideal forwarder used as a benchmark baseline (recvmmsg → lookup → sendmmsg).
@@ -43,6 +45,32 @@ pub struct B1Args {
     /// Pin the forwarder to this core.
     #[arg(long)]
     pub pin: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The relay's control socket (`control_socket`).
+    #[arg(long, env = "FERRY_CONTROL_SOCKET", conflicts_with = "tcp")]
+    pub socket: Option<PathBuf>,
+    /// The relay's loopback control listener (`control_listen`), with --secret.
+    #[arg(long)]
+    pub tcp: Option<SocketAddr>,
+    /// The control secret for --tcp.
+    #[arg(long, env = "FERRY_CONTROL_SECRET")]
+    pub secret: Option<String>,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// Print the relay's counters (Prometheus text).
+    Stats,
+    /// Release an allocation at once: a joiner frees its host's slot, a host ends its session.
+    Release {
+        /// The allocation ID (UUID).
+        id: String,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -366,3 +366,55 @@ mod slow_clients {
         assert!(statuses[3..].iter().filter(|&&s| s == 429).count() >= 5, "{statuses:?}");
     }
 }
+
+#[test]
+fn a_full_session_says_so_and_the_host_can_clear_unconnected_joiners() {
+    let srv = Server::start(|c| c.join_failures_per_ip_per_min = 1000);
+    let api = srv.api();
+    let host = api.allocate(1, None).unwrap();
+    let code = api.join_code(&host.allocation_id).unwrap();
+    // Whoever holds the code fills every joiner slot (maxConnections 1 → 17 joiner allocations).
+    let mut joiners = Vec::new();
+    loop {
+        match api.join(&code) {
+            Ok(j) => joiners.push(j),
+            Err(ferry::client::ApiError::Problem(p)) => {
+                assert_eq!((p.status, p.code, p.title.as_str()), (409, 15011, "Session Full"), "{p:?}");
+                assert!(p.detail.contains("removejoiners"), "{p:?}");
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(joiners.len() <= 100);
+    }
+    assert_eq!(joiners.len(), 17);
+    // One joiner is a real player: it binds and connects; it must survive the clean-up.
+    let mut player = ferry::client::RelayClient::new(&joiners[0].allocation).unwrap();
+    player.bind().unwrap();
+    let mut h = ferry::client::RelayClient::new(&host).unwrap();
+    h.bind().unwrap();
+    player.connect_b64(&joiners[0].host_connection_data).unwrap();
+
+    let remove = |key: &str, joiner: Option<&str>| {
+        let mut body = serde_json::json!({"allocationId": host.allocation_id, "key": key});
+        if let Some(j) = joiner {
+            body["joinerAllocationId"] = j.into();
+        }
+        call(&api, "POST", "/v1/removejoiners", Some(&body.to_string()))
+    };
+    let wrong = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 64]);
+    let (s, v, _) = remove(&wrong, None);
+    assert_eq!((s, v["code"].as_u64()), (403, Some(15403)), "{v}");
+    let (s, v, _) = remove(&host.key, Some(&joiners[1].allocation.allocation_id));
+    assert_eq!((s, v["data"]["removed"].as_u64()), (200, Some(1)), "{v}");
+    let (s, v, _) = remove(&host.key, None);
+    assert_eq!((s, v["data"]["removed"].as_u64()), (200, Some(15)), "every unconnected joiner: {v}");
+    assert!(api.join(&code).is_ok(), "slots are free again");
+    // The connected player is untouched.
+    player.send(&host_id(&host), b"still here").unwrap();
+    assert_eq!(h.recv_relay(std::time::Duration::from_secs(3)).unwrap().unwrap().1, b"still here");
+}
+
+fn host_id(a: &ferry::client::api::Allocation) -> ferry::wire::AllocationId {
+    ferry::wire::AllocationId::parse(&a.allocation_id).unwrap()
+}

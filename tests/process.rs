@@ -146,3 +146,221 @@ fn second_signal_exits_at_once() {
     signal(&p, libc::SIGINT);
     assert_eq!(wait_exit(&mut p, 10), Some(0));
 }
+
+/// Starts `ferry serve` with exactly these arguments (JSON logs) and waits for "ferry serving".
+fn start_with(args: &[&str], env: &[(&str, &str)]) -> Result<(Proc, serde_json::Value), String> {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(["--log-format", "json"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "ferry serving" {
+                let _ = tx.send(Ok(v));
+            } else {
+                text.push_str(&line);
+                text.push('\n');
+            }
+        }
+        let _ = tx.send(Err(text));
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Ok(v)) => {
+            let api = format!("http://{}", v["fields"]["api"].as_str().unwrap_or_default());
+            Ok((Proc { child, api }, v))
+        }
+        Ok(Err(text)) => {
+            let _ = child.wait();
+            Err(text)
+        }
+        Err(_) => {
+            let _ = child.kill();
+            Err("no start-up line".into())
+        }
+    }
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn a_second_relay_on_the_same_port_fails_at_startup() {
+    let port = free_udp_port();
+    let relay = format!("127.0.0.1:{port}");
+    let (first, _) =
+        start_with(&["--api-listen", "127.0.0.1:0", "--relay-listen", &relay, "--shards", "2"], &[])
+            .expect("first relay starts");
+    let err = start_with(&["--api-listen", "127.0.0.1:0", "--relay-listen", &relay, "--shards", "2"], &[])
+        .err()
+        .expect("the second relay must not start");
+    assert!(err.contains("relay_listen") && err.contains("already"), "{err}");
+    // The first one still has its whole port: a full round trip works.
+    let api = ApiClient::new(first.api.clone());
+    let h = api.allocate(1, None).unwrap();
+    RelayClient::new(&h).unwrap().bind().unwrap();
+    drop(first);
+
+    // Any other process holding the port (even with SO_REUSEPORT) is refused too.
+    let port = free_udp_port();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(&format!("127.0.0.1:{port}").parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    let err = start_with(
+        &["--api-listen", "127.0.0.1:0", "--relay-listen", &format!("127.0.0.1:{port}"), "--shards", "2"],
+        &[],
+    )
+    .err()
+    .expect("a port held by another process is refused");
+    assert!(err.contains("already in use"), "{err}");
+}
+
+#[test]
+fn a_live_control_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
+    let path = std::env::temp_dir().join(format!("ferry-ctl-{}.sock", std::process::id()));
+    let p = path.to_str().unwrap();
+    let base = ["--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0", "--control-socket", p];
+    let (mut first, _) = start_with(&base, &[]).expect("first relay");
+    let err = start_with(&base, &[]).err().expect("second relay must not take the socket");
+    assert!(err.contains("control_socket") && err.contains("another running relay"), "{err}");
+    let mut c =
+        ferry::control::socket::ControlClient::connect_unix(&path).expect("the first relay still serves it");
+    assert!(c.stats().is_ok());
+    // `ferry ctl` operates it: counters, and releasing an allocation.
+    let h = ApiClient::new(first.api.clone()).allocate(1, None).unwrap();
+    let out = Command::new(BIN).args(["ctl", "--socket", p, "release", &h.allocation_id]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN).args(["ctl", "--socket", p, "stats"]).output().unwrap();
+    let stats = String::from_utf8_lossy(&out.stdout);
+    assert!(stats.contains("ferry_allocations_released_total{reason=\"control\"} 1"), "{stats}");
+    let out = Command::new(BIN).args(["ctl", "--socket", p, "release", &h.allocation_id]).output().unwrap();
+    assert!(!out.status.success(), "releasing it twice fails");
+    // kill -9 leaves the file behind; the next relay replaces it.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    assert!(path.exists());
+    let (_third, _) = start_with(&base, &[]).expect("a stale socket file is replaced");
+    std::fs::remove_file(&path).ok();
+}
+
+#[test]
+fn booleans_accept_every_spelling_and_env_errors_name_the_variable() {
+    let base = ["--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0"];
+    for (v, want) in [("0", false), ("off", false), ("yes", true), ("1", true)] {
+        let (_p, line) =
+            start_with(&base, &[("FERRY_GSO", v)]).unwrap_or_else(|e| panic!("FERRY_GSO={v}: {e}"));
+        assert_eq!(line["fields"]["gso"], want, "FERRY_GSO={v}");
+    }
+    let (_p, line) = start_with(&[&base[..], &["--gso", "no"]].concat(), &[]).unwrap();
+    assert_eq!(line["fields"]["gso"], false);
+    let out = Command::new(BIN).args(["serve"]).args(base).env("FERRY_GSO", "maybe").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FERRY_GSO") && err.contains("`gso`") && !err.contains("--gso"), "{err}");
+}
+
+#[test]
+fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines: Vec<String> = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|l| !l.contains("ferry serving"))
+        .chain(std::iter::once(String::new()))
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = lines.join("\n");
+    assert!(!text.contains('\u{1b}'), "colour codes in piped logs: {text:?}");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let serving = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("ferry serving"))
+        .unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(serving.contains("ferry serving") && !serving.contains('\u{1b}'), "{serving:?}");
+}
+
+fn load(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).arg("load").args(args).output().unwrap()
+}
+
+#[test]
+fn load_refuses_bad_arguments_with_a_message() {
+    for (args, flag) in [
+        (&["--sessions", "0"][..], "--sessions"),
+        (&["--size", "2020"][..], "--size"),
+        (&["--size", "1435"][..], "--size"),
+        (&["--size", "5"][..], "--size"),
+        (&["--mode", "binds", "--allocations", "0"][..], "--allocations"),
+        (&["--mode", "allocations", "--clients", "0"][..], "--clients"),
+    ] {
+        let out = load(&[&["--api", "http://127.0.0.1:9"], args].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(flag) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn readme_load_examples_work_against_a_default_relay() {
+    let (p, _) = start_with(&["--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0"], &[]).unwrap();
+    // 50 sessions need 150 API calls: more than the default per-IP burst, so the generator waits.
+    let out = load(&[
+        "--api",
+        &p.api,
+        "--sessions",
+        "50",
+        "--rate",
+        "5000",
+        "--size",
+        "200",
+        "--duration",
+        "1s",
+        "--warmup",
+        "200ms",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["delivered_pps"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
+    let out = load(&[
+        "--api",
+        &p.api,
+        "--mode",
+        "binds",
+        "--allocations",
+        "150",
+        "--duration",
+        "1s",
+        "--warmup",
+        "0s",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = load(&["--api", &p.api, "--mode", "allocations", "--clients", "2", "--duration", "1s"]);
+    assert!(out.status.success());
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("refused with 429"), "{stdout}");
+    assert!(stderr.contains("rate limit"), "the tool says plainly it was rate limited: {stderr}");
+}

@@ -119,3 +119,35 @@ fn silent_destination_gets_a_bounded_number_of_bytes() {
     assert!(matches!(sim.ping(&h), Out::Reply(_)));
     assert!(matches!(sim.relay(&j, &host, &payload), Out::Forward(..)));
 }
+
+#[test]
+fn a_move_never_accepts_a_nonce_below_the_highest_used() {
+    let mut sim = Sim::with(|c| c.rebind_quiet = 5_000);
+    let (host, joiners) = sim.session(1, 1);
+    let j = &joiners[0];
+    let (thief, roam) = (addr(7301), addr(7302));
+    // The client has used nonce 3 (e.g. UTP 2.2+ after a few attempts).
+    assert_eq!(sim.bind_from(j, j.addr, 3), Out::Reply(BIND_RECEIVED.to_vec()));
+    // Quiet past rebind_quiet (still inside the idle timeout): a captured nonce-0, 1 or 2 BIND
+    // never moves the binding.
+    sim.now += 6_000;
+    for old in 0..3 {
+        assert_eq!(sim.bind_from(j, thief, old), Out::Drop(DropReason::RebindRefused), "nonce {old}");
+    }
+    assert_eq!(sim.core.bound_addr(&j.id), Some(j.addr));
+    // The same nonce after the quiet period is a NAT rebinding (UTP 1.x never changes its nonce).
+    let mut sim2 = Sim::with(|c| c.rebind_quiet = 5_000);
+    let (_h2, js2) = sim2.session(1, 1);
+    let j2 = &js2[0];
+    assert_eq!(sim2.bind_from(j2, j2.addr, 3), Out::Reply(BIND_RECEIVED.to_vec()));
+    sim2.now += 1_000;
+    assert_eq!(sim2.bind_from(j2, roam, 3), Out::Drop(DropReason::RebindRefused), "same nonce, not quiet");
+    sim2.now += 5_000;
+    assert_eq!(sim2.bind_from(j2, roam, 3), Out::Reply(BIND_RECEIVED.to_vec()), "same nonce after quiet");
+    // A higher nonce moves at once; afterwards the earlier nonce is dead everywhere.
+    assert_eq!(sim2.bind_from(j2, j2.addr, 4), Out::Reply(BIND_RECEIVED.to_vec()));
+    assert_eq!(sim2.core.bound_addr(&j2.id), Some(j2.addr));
+    sim2.now += 6_000;
+    assert_eq!(sim2.bind_from(j2, roam, 3), Out::Drop(DropReason::RebindRefused));
+    let _ = host;
+}

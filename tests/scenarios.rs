@@ -425,6 +425,28 @@ fn malformed_and_oversize_datagrams_are_dropped_and_counted() {
 }
 
 #[test]
+fn bad_version_replies_are_never_answered() {
+    let mut sim = Sim::new();
+    let (host, joiners) = sim.session(1, 1);
+    let j = &joiners[0];
+    // Every message kind that is itself a reply, with a wrong version byte: dropped, not ERROR 0.
+    for mut d in [
+        error(&j.id, ErrorCode::NotConnected),
+        BIND_RECEIVED.to_vec(),
+        accepted(&host, j),
+        rejected(&host, j),
+        [BIND_RECEIVED.to_vec(), vec![0; 30]].concat(),
+    ] {
+        d[2] = 7;
+        assert_eq!(sim.send(j.addr, &d), Out::Drop(DropReason::BadVersion), "{d:02x?}");
+    }
+    // A request with a wrong version still gets ERROR 0.
+    let mut d = packets::ping(&j.id, 1);
+    d[2] = 7;
+    assert_eq!(sim.send(j.addr, &d), Out::Reply(error(&j.id, ErrorCode::InvalidProtocolVersion)));
+}
+
+#[test]
 fn never_answers_port_zero_or_non_unicast_sources() {
     let mut sim = Sim::new();
     let host = sim.host(1, addr(1));

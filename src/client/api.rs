@@ -17,6 +17,11 @@ pub enum ApiError {
     Io(std::io::Error),
     /// The API answered with a problem body.
     Problem(Problem),
+    /// The API answered 429: this client is rate limited and may try again after this long.
+    RateLimited {
+        retry_after: Duration,
+        problem: Problem,
+    },
     /// The answer was not what the API promises.
     Decode(String),
 }
@@ -26,6 +31,12 @@ impl std::fmt::Display for ApiError {
         match self {
             Self::Io(e) => write!(f, "API request failed: {e}"),
             Self::Problem(p) => write!(f, "API error {} ({}): {}", p.status, p.code, p.detail),
+            Self::RateLimited { retry_after, problem } => write!(
+                f,
+                "API rate limited this client ({}); retry after {} s",
+                problem.detail,
+                retry_after.as_secs()
+            ),
             Self::Decode(m) => write!(f, "unexpected API answer: {m}"),
         }
     }
@@ -67,7 +78,7 @@ impl ApiClient {
         let body =
             body.map(|b| serde_json::to_vec(b)).transpose().map_err(|e| ApiError::Decode(e.to_string()))?;
         let r = self.raw(method, path, body.as_deref())?;
-        let (status, bytes) = (r.status, r.body);
+        let (status, bytes) = (r.status, r.body.clone());
         if (200..300).contains(&status) {
             let env: Envelope<T> =
                 serde_json::from_slice(&bytes).map_err(|e| ApiError::Decode(e.to_string()))?;
@@ -75,6 +86,13 @@ impl ApiClient {
         } else {
             let p: Problem = serde_json::from_slice(&bytes)
                 .map_err(|e| ApiError::Decode(format!("status {status}, body not a problem: {e}")))?;
+            if status == 429 {
+                let secs = r.header("retry-after").and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(1);
+                return Err(ApiError::RateLimited {
+                    retry_after: Duration::from_secs(secs.max(1)),
+                    problem: p,
+                });
+            }
             Err(ApiError::Problem(p))
         }
     }

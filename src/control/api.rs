@@ -99,6 +99,8 @@ fn service_problem(e: ServiceError) -> Response {
         ServiceError::JoinCodeNotFound => {
             problem(StatusCode::NOT_FOUND, 15009, "Join Code Not Found", detail)
         }
+        ServiceError::SessionFull => problem(StatusCode::CONFLICT, 15011, "Session Full", detail),
+        ServiceError::WrongKey => problem(StatusCode::FORBIDDEN, 15403, "Forbidden", detail),
         ServiceError::Capacity | ServiceError::Unavailable | ServiceError::Draining => {
             problem(StatusCode::SERVICE_UNAVAILABLE, 15010, "No Suitable Relay", detail)
         }
@@ -231,6 +233,21 @@ async fn join(
     }
 }
 
+async fn remove_joiners(
+    State(st): State<ApiState>,
+    progress: Option<Extension<Progress>>,
+    body: Body,
+) -> Response {
+    let req: RemoveJoinersRequest = match json_body(&st, progress, body).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match st.service.remove_joiners(&req.allocation_id, &req.key, req.joiner_allocation_id.as_deref()).await {
+        Ok(removed) => ok(StatusCode::OK, RemoveJoinersData { removed }),
+        Err(e) => service_problem(e),
+    }
+}
+
 async fn regions(State(st): State<ApiState>) -> Response {
     let c = st.service.config();
     ok(
@@ -334,6 +351,7 @@ pub fn router(st: ApiState) -> Router {
         .route("/v1/allocate", post(allocate))
         .route("/v1/joincode", post(joincode))
         .route("/v1/join", post(join))
+        .route("/v1/removejoiners", post(remove_joiners))
         .route("/v1/regions", get(regions))
         .route_layer(middleware::from_fn_with_state(st.clone(), guard));
     Router::new()

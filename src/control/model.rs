@@ -105,6 +105,22 @@ pub struct JoinRequest {
     pub join_code: String,
 }
 
+/// `POST /v1/removejoiners`: the host, proving itself with its key, removes one joiner or every
+/// joiner that has not connected.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoveJoinersRequest {
+    pub allocation_id: String,
+    pub key: String,
+    #[serde(default)]
+    pub joiner_allocation_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoveJoinersData {
+    pub removed: u32,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProblemDetail {
     pub key: String,

@@ -57,7 +57,7 @@ impl RelayHandle {
     fn created(r: ControlReply) -> Result<Created, RelayError> {
         match r {
             ControlReply::Created(c) => Ok(*c),
-            ControlReply::Released => Err(RelayError::Unavailable),
+            ControlReply::Released | ControlReply::Removed(_) => Err(RelayError::Unavailable),
         }
     }
 
@@ -90,6 +90,21 @@ impl RelayHandle {
     pub async fn release(&self, id: AllocationId) -> Result<(), RelayError> {
         let shard = owner_shard(&id, self.shards.len() as u32) as usize;
         self.ask(shard, Control::Release { id }).await.map(|_| ())
+    }
+
+    /// The host removes one joiner, or every joiner that has not connected (see
+    /// [`Control::RemoveJoiners`]). Returns how many were removed.
+    pub async fn remove_joiners(
+        &self,
+        host: AllocationId,
+        key: [u8; 64],
+        joiner: Option<AllocationId>,
+    ) -> Result<u32, RelayError> {
+        let shard = owner_shard(&host, self.shards.len() as u32) as usize;
+        match self.ask(shard, Control::RemoveJoiners { host, key: Box::new(key), joiner }).await? {
+            ControlReply::Removed(n) => Ok(n),
+            _ => Err(RelayError::Unavailable),
+        }
     }
 
     /// Counters of every shard that answers.

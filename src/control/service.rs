@@ -48,6 +48,10 @@ pub enum ServiceError {
     AllocationNotFound,
     JoinCodeNotFound,
     Capacity,
+    /// The host's session has no free joiner slot.
+    SessionFull,
+    /// The key presented is not the host allocation's.
+    WrongKey,
     Draining,
     Unavailable,
 }
@@ -60,6 +64,11 @@ impl std::fmt::Display for ServiceError {
             Self::AllocationNotFound => f.write_str("allocation not found"),
             Self::JoinCodeNotFound => f.write_str("join code not found"),
             Self::Capacity => f.write_str("no relay has room for this allocation"),
+            Self::SessionFull => f.write_str(
+                "the host's session is full: every joiner slot is taken (the host can remove joiners that never \
+                 connected with POST /v1/removejoiners)",
+            ),
+            Self::WrongKey => f.write_str("key does not belong to this host allocation"),
             Self::Draining => f.write_str("this relay is draining and takes no new allocations"),
             Self::Unavailable => f.write_str("relay unavailable"),
         }
@@ -69,7 +78,9 @@ impl std::fmt::Display for ServiceError {
 impl From<RelayError> for ServiceError {
     fn from(e: RelayError) -> Self {
         match e {
-            RelayError::Control(ControlError::Full | ControlError::SessionFull) => Self::Capacity,
+            RelayError::Control(ControlError::Full) => Self::Capacity,
+            RelayError::Control(ControlError::SessionFull) => Self::SessionFull,
+            RelayError::Control(ControlError::WrongKey) => Self::WrongKey,
             RelayError::Control(ControlError::MaxConnectionsOutOfRange) => {
                 Self::Invalid("maxConnections out of range".into())
             }
@@ -205,6 +216,27 @@ impl AllocationService {
         })?;
         lifecycle!(self, created.id, allocation = %created.id, host = %host, "joiner allocation created");
         Ok(JoinAllocation { allocation: self.allocation(&created), host_connection_data })
+    }
+
+    /// The host removes one joiner, or every joiner that has not connected.
+    pub async fn remove_joiners(
+        &self,
+        host: &str,
+        key: &str,
+        joiner: Option<&str>,
+    ) -> Result<u32, ServiceError> {
+        let parse = |field: &str, v: &str| {
+            AllocationId::parse(v)
+                .ok_or_else(|| ServiceError::Invalid(format!("{field} `{v}` is not a UUID")))
+        };
+        let host = parse("allocationId", host)?;
+        let joiner = joiner.map(|j| parse("joinerAllocationId", j)).transpose()?;
+        let key = crate::auth::AllocationKey::from_base64(key.trim()).ok_or_else(|| {
+            ServiceError::Invalid("key must be the base64 of the host's 64-byte key".into())
+        })?;
+        let n = self.relay.remove_joiners(host, key.0, joiner).await?;
+        lifecycle!(self, host, allocation = %host, removed = n, "host removed joiners");
+        Ok(n)
     }
 
     /// Applies a shard's lifecycle event (join-code invalidation, logs).

@@ -72,6 +72,7 @@ impl Status {
             RelayError::Control(ControlError::HostNotFound) => Self::HostNotFound,
             RelayError::Control(ControlError::SessionFull) => Self::SessionFull,
             RelayError::Control(ControlError::NotFound) => Self::NotFound,
+            RelayError::Control(ControlError::WrongKey) => Self::BadRequest,
             RelayError::Unavailable | RelayError::Entropy => Self::Unavailable,
         }
     }

@@ -32,6 +32,10 @@ pub enum Control {
     CreateJoiner { host: AllocationId, entropy: Entropy },
     /// Release an allocation as if it had expired (a host takes its joiners with it).
     Release { id: AllocationId },
+    /// The host (proving itself with its allocation key) removes one of its joiners, or, with
+    /// `joiner: None`, every joiner that has not connected: a leaked join code cannot keep a
+    /// session's joiner slots full.
+    RemoveJoiners { host: AllocationId, key: Box<[u8; KEY_LEN]>, joiner: Option<AllocationId> },
 }
 
 /// A new allocation: everything the API hands to the client.
@@ -46,6 +50,8 @@ pub struct Created {
 pub enum ControlReply {
     Created(Box<Created>),
     Released,
+    /// How many joiners were removed.
+    Removed(u32),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +66,8 @@ pub enum ControlError {
     SessionFull,
     /// Release of an unknown allocation.
     NotFound,
+    /// The key presented is not the host allocation's.
+    WrongKey,
 }
 
 impl ControlError {
@@ -70,6 +78,7 @@ impl ControlError {
             Self::HostNotFound => "host allocation not found",
             Self::SessionFull => "session has too many joiners",
             Self::NotFound => "allocation not found",
+            Self::WrongKey => "the key is not this host allocation's",
         }
     }
 }

@@ -198,7 +198,48 @@ impl Core {
                 }
                 _ => Err(ControlError::NotFound),
             },
+            Control::RemoveJoiners { host, key, joiner } => {
+                self.remove_joiners(now, &host, &key, joiner).map(ControlReply::Removed)
+            }
         }
+    }
+
+    fn remove_joiners(
+        &mut self,
+        now: Millis,
+        host: &AllocationId,
+        key: &[u8; 64],
+        joiner: Option<AllocationId>,
+    ) -> Result<u32, ControlError> {
+        let h = match self.table.find(host) {
+            table::Found::Live(h) if now < self.deadline(h) => h,
+            _ => return Err(ControlError::HostNotFound),
+        };
+        let Role::Host { first_joiner, .. } = self.table.slots[h as usize].role else {
+            return Err(ControlError::HostNotFound);
+        };
+        const PROOF: &[u8] = b"ferry host proof";
+        let stored = self.table.keys[h as usize].mac(PROOF);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&stored[..], &PreKeyedHmac::new(key).mac(PROOF)[..])) {
+            return Err(ControlError::WrongKey);
+        }
+        let mut victims = Vec::new();
+        let mut j = first_joiner;
+        while j != NIL {
+            let s = &self.table.slots[j as usize];
+            let Role::Joiner { next, linked, .. } = s.role else { break };
+            if joiner.map_or(!linked, |id| id == s.id) {
+                victims.push(j);
+            }
+            j = next;
+        }
+        if joiner.is_some() && victims.is_empty() {
+            return Err(ControlError::NotFound);
+        }
+        for &v in &victims {
+            self.release(v, ReleaseReason::Control);
+        }
+        Ok(victims.len() as u32)
     }
 
     pub fn create_host(

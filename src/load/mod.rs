@@ -62,7 +62,8 @@ pub struct LoadArgs {
     /// Sessions (one sender and one receiver each).
     #[arg(long, default_value_t = 1)]
     pub sessions: usize,
-    /// Payload bytes per datagram (at least 20).
+    /// Payload bytes per datagram, 20 to 1434 (a RELAY's 38-byte header plus the payload must
+    /// fit the relay's 1472-byte datagram limit).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Offered datagrams per second over all sessions; 0 = as fast as possible.
@@ -119,8 +120,44 @@ fn need_relay(a: &LoadArgs) -> Result<SocketAddr, String> {
     a.relay.ok_or_else(|| format!("--relay is required for --target {:?}", a.target))
 }
 
+/// Largest payload a RELAY can carry within the relay's datagram limit.
+pub const MAX_PAYLOAD: usize = crate::wire::MAX_DATAGRAM - crate::wire::Relay::<&[u8]>::HEADER_LEN;
+
+/// Refuses arguments that cannot describe a meaningful run, with a message naming the flag.
+pub fn validate(a: &LoadArgs) -> Result<(), String> {
+    if a.mode == Mode::Traffic {
+        if a.sessions == 0 {
+            return Err("--sessions must be at least 1".into());
+        }
+        if !(engine::MIN_PAYLOAD..=MAX_PAYLOAD).contains(&a.size) {
+            return Err(format!(
+                "--size must be between {} and {MAX_PAYLOAD} bytes (a RELAY's {}-byte header plus the payload must fit \
+                 the relay's {}-byte datagram limit; larger datagrams are dropped), got {}",
+                engine::MIN_PAYLOAD,
+                crate::wire::Relay::<&[u8]>::HEADER_LEN,
+                crate::wire::MAX_DATAGRAM,
+                a.size
+            ));
+        }
+        if a.flood > 0 && a.flood_sources == 0 {
+            return Err("--flood-sources must be at least 1".into());
+        }
+    }
+    if a.mode == Mode::Binds && a.allocations == 0 {
+        return Err("--allocations must be at least 1".into());
+    }
+    if a.mode == Mode::Allocations && a.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    if a.duration.is_zero() {
+        return Err("--duration must be longer than 0".into());
+    }
+    Ok(())
+}
+
 /// Runs the load described by `a` and prints the result.
 pub fn run(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
+    validate(a)?;
     match a.mode {
         Mode::Traffic => traffic(a),
         Mode::Binds => binds(a),
@@ -137,7 +174,7 @@ fn api(a: &LoadArgs) -> ApiClient {
 }
 
 fn traffic(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let payload = a.size.max(engine::MIN_PAYLOAD);
+    let payload = a.size;
     let streams = match a.target {
         Target::Ferry => setup::ferry(&api(a), a.relay, a.sessions, payload, &a.bind_ip)?,
         Target::B1 => setup::b1(need_relay(a)?, a.sessions, payload, &a.bind_ip)?,
@@ -221,7 +258,7 @@ fn binds(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
             let mut relay = a.relay;
             let mut out = Vec::with_capacity(a.allocations);
             for _ in 0..a.allocations {
-                let al = api.allocate(1, None).map_err(|e| e.to_string())?;
+                let al = setup::patiently(|| api.allocate(1, None)).map_err(|e| e.to_string())?;
                 let ep = &al.server_endpoints[0];
                 relay.get_or_insert(format!("{}:{}", ep.host, ep.port).parse()?);
                 let key = crate::auth::AllocationKey::from_base64(&al.key).ok_or("bad key")?;
@@ -294,19 +331,26 @@ fn binds(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// `/v1/allocate` from `clients` threads for the duration.
+/// `/v1/allocate` from `clients` threads for the duration. Answers of 429 are counted apart:
+/// when they dominate, the run measured the API's rate limit, not its throughput, and says so.
 fn allocations(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    let limited = Arc::new(AtomicU64::new(0));
     let clock = Clock::new();
     let end = clock.nanos() + a.duration.as_nanos() as u64;
-    let threads: Vec<_> = (0..a.clients.max(1))
+    let threads: Vec<_> = (0..a.clients)
         .map(|_| {
-            let (api, ok, failed) = (api(a), ok.clone(), failed.clone());
+            let (api, ok, failed, limited) = (api(a), ok.clone(), failed.clone(), limited.clone());
             std::thread::spawn(move || {
                 while clock.nanos() < end {
                     match api.allocate(1, None) {
                         Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(crate::client::ApiError::RateLimited { .. }) => {
+                            // Back off a little rather than hammer the limiter.
+                            std::thread::sleep(Duration::from_millis(20));
+                            limited.fetch_add(1, Ordering::Relaxed)
+                        }
                         Err(_) => failed.fetch_add(1, Ordering::Relaxed),
                     };
                 }
@@ -316,17 +360,24 @@ fn allocations(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
     for t in threads {
         let _ = t.join();
     }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed, limited) =
+        (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), limited.load(Ordering::Relaxed));
     let rate = ok as f64 / a.duration.as_secs_f64();
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"mode": "allocations", "clients": a.clients, "created": ok, "failed": failed, "allocations_per_sec": rate})
+            serde_json::json!({"mode": "allocations", "clients": a.clients, "created": ok, "failed": failed, "rate_limited": limited, "allocations_per_sec": rate, "limited_by_api_rate_limit": limited > 0})
         );
     } else {
         println!(
-            "{ok} allocations created ({failed} failed) by {} clients: {rate:.0} allocations/s",
+            "{ok} allocations created ({failed} failed, {limited} refused with 429) by {} clients: {rate:.0} allocations/s",
             a.clients
+        );
+    }
+    if limited > 0 {
+        eprintln!(
+            "ferry load: the API rate limited this generator ({limited} answers of 429): the figure above is the relay's \
+             per-IP rate limit, not its throughput. Start the relay with a higher --api-rate-limit to measure throughput."
         );
     }
     Ok(())

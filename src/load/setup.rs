@@ -64,6 +64,32 @@ pub(crate) fn relay_header(from: &AllocationId, to: &AllocationId, payload: usiz
     h
 }
 
+/// Runs an API call, waiting as long as an answer of 429 asks (at most 10 minutes in all), and
+/// says once, plainly, that the API is rate limiting the generator.
+pub fn patiently<T>(
+    mut call: impl FnMut() -> Result<T, crate::client::ApiError>,
+) -> Result<T, crate::client::ApiError> {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let mut waited = Duration::ZERO;
+    loop {
+        match call() {
+            Err(crate::client::ApiError::RateLimited { retry_after, .. })
+                if waited < Duration::from_secs(600) =>
+            {
+                if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    eprintln!(
+                        "ferry load: the API is rate limiting this generator (429); waiting as it asks. Start the relay \
+                         with a higher --api-rate-limit to set up faster."
+                    );
+                }
+                std::thread::sleep(retry_after);
+                waited += retry_after;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Streams through a Ferry deployment: one host and one joiner per stream, via the API.
 pub fn ferry(
     api: &ApiClient,
@@ -75,9 +101,9 @@ pub fn ferry(
     let e = |e: crate::client::ApiError| io::Error::other(e.to_string());
     let mut out = Vec::with_capacity(sessions);
     for _ in 0..sessions {
-        let h = api.allocate(1, None).map_err(e)?;
-        let code = api.join_code(&h.allocation_id).map_err(e)?;
-        let j = api.join(&code).map_err(e)?;
+        let h = patiently(|| api.allocate(1, None)).map_err(e)?;
+        let code = patiently(|| api.join_code(&h.allocation_id)).map_err(e)?;
+        let j = patiently(|| api.join(&code)).map_err(e)?;
         let ep = &h.server_endpoints[0];
         let relay = match relay_override {
             Some(r) => r,
