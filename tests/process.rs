@@ -364,3 +364,151 @@ fn readme_load_examples_work_against_a_default_relay() {
     assert!(stdout.contains("refused with 429"), "{stdout}");
     assert!(stderr.contains("rate limit"), "the tool says plainly it was rate limited: {stderr}");
 }
+
+#[test]
+fn descriptor_exhaustion_never_costs_the_control_plane() {
+    use std::os::unix::process::CommandExt;
+    let path = std::env::temp_dir().join(format!("ferry-fd-{}.sock", std::process::id()));
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "serve",
+        "--log-format",
+        "json",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--relay-listen",
+        "127.0.0.1:0",
+    ])
+    .args(["--control-socket", path.to_str().unwrap(), "--shards", "2"])
+    .stderr(Stdio::piped())
+    .stdout(Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe; the child lowers only its own limit.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 256, rlim_max: 256 };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
+    let serving: serde_json::Value = lines
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(&l)
+                .ok()
+                .filter(|v| v["fields"]["message"] == "ferry serving")
+        })
+        .unwrap();
+    let cap = serving["fields"]["api_max_connections"].as_u64().unwrap();
+    assert!(cap < 256, "the API cap leaves room for the rest of the relay: {cap}");
+    let warnings = std::thread::spawn(move || lines.filter(|l| l.contains("\"WARN\"")).count());
+    let p = Proc { child, api: format!("http://{}", serving["fields"]["api"].as_str().unwrap()) };
+    let api_addr: std::net::SocketAddr = p.api.trim_start_matches("http://").parse().unwrap();
+    // Far more idle API connections than the process has descriptors.
+    let held: Vec<_> = (0..400).filter_map(|_| std::net::TcpStream::connect(api_addr).ok()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c =
+        ferry::control::socket::ControlClient::connect_unix(&path).expect("control socket still accepts");
+    let a = c.create_host(2).expect("and still creates allocations");
+    assert_eq!(a.connection_data.len(), 255);
+    assert!(ApiClient::new(p.api.clone()).regions().is_ok(), "honest API calls are still served");
+    drop(held);
+    drop(p);
+    std::fs::remove_file(&path).ok();
+    let warned = warnings.join().unwrap();
+    assert!(warned <= 3, "refusals are summarised, not logged one by one: {warned} warnings");
+}
+
+#[test]
+fn a_stderr_nobody_reads_never_stalls_the_api() {
+    // stderr is a pipe this test never reads: it fills after a few hundred lines.
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--relay-listen",
+            "127.0.0.1:0",
+            "--api-rate-limit",
+            "100000",
+        ])
+        .args(["--log-format", "json"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("ferry serving") {
+        line.clear();
+        stderr.read_line(&mut line).unwrap();
+    }
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let p = Proc { child, api: format!("http://{}", v["fields"]["api"].as_str().unwrap()) };
+    let api = ApiClient::new(p.api.clone());
+    for i in 0..2000 {
+        api.allocate(1, None).unwrap_or_else(|e| panic!("allocation {i}: {e}"));
+    }
+    assert_eq!(api.raw("GET", "/healthz", None).unwrap().status, 200);
+    // The writer is stuck on the full pipe, and says so in /metrics.
+    let mut stalled = false;
+    for _ in 0..100 {
+        let m = String::from_utf8(api.raw("GET", "/metrics", None).unwrap().body).unwrap();
+        if m.lines().any(|l| l == "ferry_log_output_stalled 1") {
+            stalled = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(stalled, "a blocked log output is reported");
+    drop(stderr);
+}
+
+#[test]
+fn lifecycle_logs_can_be_sampled_and_turned_off() {
+    let run = |extra: &[&str]| -> usize {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--relay-listen",
+                "127.0.0.1:0",
+                "--api-rate-limit",
+                "100000",
+            ])
+            .args(["--log-format", "json"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
+        let serving: serde_json::Value = lines
+            .find_map(|l| {
+                serde_json::from_str::<serde_json::Value>(&l)
+                    .ok()
+                    .filter(|v| v["fields"]["message"] == "ferry serving")
+            })
+            .unwrap();
+        let counter =
+            std::thread::spawn(move || lines.filter(|l| l.contains("host allocation created")).count());
+        let p = Proc { child, api: format!("http://{}", serving["fields"]["api"].as_str().unwrap()) };
+        let api = ApiClient::new(p.api.clone());
+        for _ in 0..500 {
+            api.allocate(1, None).unwrap();
+        }
+        signal(&p, libc::SIGINT);
+        std::thread::sleep(Duration::from_millis(200));
+        signal(&p, libc::SIGINT);
+        let mut p = p;
+        let _ = wait_exit(&mut p, 10);
+        counter.join().unwrap()
+    };
+    assert_eq!(run(&[]), 500);
+    assert_eq!(run(&["--log-lifecycle", "off"]), 0);
+    let sampled = run(&["--log-lifecycle-sample", "50"]);
+    assert!((1..=40).contains(&sampled), "about one in 50 of 500: {sampled}");
+}
