@@ -206,19 +206,13 @@ fn health_readiness_metrics_and_drain() {
 }
 
 mod slow_clients {
-    use super::support::Server;
+    use super::support::{post_request as post, status_from as status_of, Server};
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpStream};
     use std::time::Duration;
 
-    /// A TCP connection to the API from a chosen loopback source address.
     fn connect_from(src: &str, api: SocketAddr) -> TcpStream {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.bind(&format!("{src}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
-        s.connect(&api.into()).unwrap();
-        let s: TcpStream = s.into();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s
+        super::support::tcp_from(src, api).unwrap()
     }
 
     /// Reads until the server closes; true if it did (EOF or reset) before the read timeout.
@@ -238,22 +232,6 @@ mod slow_clients {
                 Err(_) => return true,
             }
         }
-    }
-
-    fn status_of(src: &str, api: SocketAddr, req: &str) -> u16 {
-        let mut s = connect_from(src, api);
-        s.write_all(req.as_bytes()).unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
-    }
-
-    fn post(path: &str, body: &str, token: Option<&str>) -> String {
-        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
     }
 
     #[test]

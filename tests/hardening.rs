@@ -9,36 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::Server;
-
-fn connect_from(src: &str, api: SocketAddr) -> std::io::Result<TcpStream> {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    s.bind(&format!("{src}:0").parse::<SocketAddr>().unwrap().into())?;
-    s.connect_timeout(&api.into(), Duration::from_secs(3))?;
-    let s: TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    Ok(s)
-}
-
-/// Status of one request sent on a fresh connection from `src` (0 when it failed).
-fn status_of(src: &str, api: SocketAddr, req: &str) -> u16 {
-    let Ok(mut s) = connect_from(src, api) else { return 0 };
-    if s.write_all(req.as_bytes()).is_err() {
-        return 0;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
-}
-
-fn post(path: &str, body: &str, token: Option<&str>) -> String {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-}
+use support::{post_request as post, status_from as status_of, tcp_from as connect_from, Server};
 
 /// Whether the server has closed `s` (a non-blocking peek sees EOF or an error).
 fn cut(s: &TcpStream) -> bool {

@@ -190,3 +190,35 @@ pub fn raw_session(srv: &Server) -> (Raw, Raw) {
     assert_eq!(peer.connect(&host.conn), pair(6, &host.id, &peer.id));
     (host, peer)
 }
+
+/// A TCP connection to the API from a chosen loopback source address.
+pub fn tcp_from(src: &str, api: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&format!("{src}:0").parse::<SocketAddr>().expect("a source IP").into())?;
+    s.connect_timeout(&api.into(), Duration::from_secs(3))?;
+    let s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
+/// The status of one raw request sent on a fresh connection from `src` (0 when it failed).
+pub fn status_from(src: &str, api: SocketAddr, req: &str) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = tcp_from(src, api) else { return 0 };
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// A raw `POST` with a JSON body and an optional bearer token.
+pub fn post_request(path: &str, body: &str, token: Option<&str>) -> String {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
