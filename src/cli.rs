@@ -147,6 +147,9 @@ pub struct ServeArgs {
     /// itself where the kernel cannot do GSO [default: true].
     #[arg(long, env = "FERRY_GSO", value_parser = bool_arg)]
     pub gso: Option<bool>,
+    /// Answer STUN Binding requests on the relay port [default: true].
+    #[arg(long, env = "FERRY_STUN", value_parser = bool_arg)]
+    pub stun: Option<bool>,
     /// Datagram backend: batch (recvmmsg/sendmmsg on epoll) or uring [default: batch].
     #[arg(long, env = "FERRY_IO", value_parser = io_arg)]
     pub io: Option<IoBackend>,
@@ -278,6 +281,7 @@ struct FileConfig {
     pin_shards: Option<FileBool>,
     kernel_steering: Option<FileBool>,
     gso: Option<FileBool>,
+    stun: Option<FileBool>,
     io: Option<IoBackend>,
     unbound_timeout: Option<FileDuration>,
     idle_timeout: Option<FileDuration>,
@@ -382,7 +386,7 @@ impl ServeArgs {
                 if let Some(v) = self.$f.or(file_bool(stringify!($f), file.$f)?) { c.$f = v; }
             )* };
         }
-        merge_bool!(pin_shards, kernel_steering, gso);
+        merge_bool!(pin_shards, kernel_steering, gso, stun);
         c.api_max_connections = self.api_max_connections.or(file.api_max_connections);
         c.advertise_ipv4 = self.advertise_ipv4.or(file.advertise_ipv4);
         if let Some(v) = self.trusted_proxies {

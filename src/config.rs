@@ -75,6 +75,8 @@ pub struct Config {
     pub io: IoBackend,
     /// Send runs of same-size datagrams to one destination as one UDP GSO send (either backend).
     pub gso: bool,
+    /// Answer STUN Binding requests on the relay port.
+    pub stun: bool,
     pub unbound_timeout: Duration,
     pub idle_timeout: Duration,
     pub host_alone_timeout: Duration,
@@ -177,6 +179,7 @@ impl Config {
             pin_shards: true,
             kernel_steering: true,
             gso: true,
+            stun: true,
             io: IoBackend::Batch,
             unbound_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(10),

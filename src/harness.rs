@@ -13,6 +13,54 @@ use crate::wire::{self, AllocationId, Bind, Close, ConnectRequest, ErrorMsg, Mes
 pub const TEST_KEY: [u8; 64] = [0x42; 64];
 const SECRET: [u8; 64] = [0x24; 64];
 
+/// STUN on the relay port over arbitrary bytes (the first bytes are forced to look like STUN
+/// half the time, so the parser gets past its header check): no panic, and every answer, from an
+/// IPv4 or an IPv6 source, is at most [`crate::core::MAX_AMPLIFICATION`] times its request,
+/// is a Binding success response with the request's transaction ID, and names the source.
+pub fn stun_view(data: &[u8]) {
+    let mut d = data.to_vec();
+    if d.first().is_some_and(|b| b & 1 == 1) && d.len() >= 20 {
+        d[0] &= 0x3F;
+        d[4..8].copy_from_slice(&wire::stun::MAGIC_COOKIE);
+        let body = (d.len() - 20) as u16;
+        if d[1] & 2 == 0 {
+            d[2..4].copy_from_slice(&body.to_be_bytes());
+        }
+    }
+    let mut cfg = CoreConfig::new(SECRET);
+    cfg.stun_rate_per_ip = crate::core::Rate { per_sec: 1_000_000, burst: 1_000_000 };
+    cfg.stun_rate_global = crate::core::Rate { per_sec: 1_000_000, burst: 1_000_000 };
+    let mut core = Core::new(cfg, 0);
+    for src in ["192.0.2.7:4000", "[2001:db8::9]:5000"] {
+        let src: SocketAddr = src.parse().expect("address");
+        let mut room = vec![0u8; 2048];
+        let len = d.len().min(room.len());
+        room[..len].copy_from_slice(&d[..len]);
+        let parsed = wire::stun::BindingRequest::parse(&d);
+        match core.handle_stun(0, src, &mut room, len) {
+            Action::Reply(n) => {
+                let req = parsed.expect("only a parsed request is answered");
+                assert!(n as f64 <= crate::core::MAX_AMPLIFICATION * len as f64, "{n} bytes for {len}");
+                assert_eq!(&room[..2], &[0x01, 0x01]);
+                assert_eq!(&room[8..20], &req.transaction_id);
+                assert_eq!(n, req.response_len(&src));
+            }
+            _ => assert!(
+                parsed.is_err() || req_too_small(&parsed, &src, len),
+                "a well-formed request within bounds is answered"
+            ),
+        }
+    }
+}
+
+fn req_too_small(
+    parsed: &Result<wire::stun::BindingRequest, wire::stun::StunError>,
+    src: &SocketAddr,
+    len: usize,
+) -> bool {
+    parsed.as_ref().is_ok_and(|r| r.response_len(src) as f64 > crate::core::MAX_AMPLIFICATION * len as f64)
+}
+
 /// Every view over arbitrary bytes: no panic, and what parses re-emits to the same bytes.
 pub fn wire_views(data: &[u8]) {
     let _ = wire::parse_header(data);

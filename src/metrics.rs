@@ -50,6 +50,11 @@ pub fn render(shards: &[ShardStats], api: &BTreeMap<(String, u16), u64>, hosts: 
     ] {
         let _ = writeln!(o, "ferry_binds_total{{result=\"{result}\"}} {v}");
     }
+    family(&mut o, "ferry_stun_requests_total", "counter", "STUN datagrams on the relay port, by outcome.");
+    for r in crate::core::StunOutcome::ALL {
+        let _ =
+            writeln!(o, "ferry_stun_requests_total{{result=\"{}\"}} {}", r.as_str(), total.stun[r as usize]);
+    }
     family(&mut o, "ferry_connects_total", "counter", "CONNECT_REQUEST outcomes.");
     let _ = writeln!(o, "ferry_connects_total{{result=\"accepted\"}} {}", total.connects_accepted);
     let _ = writeln!(o, "ferry_connects_total{{result=\"rejected\"}} {}", total.connects_rejected);

@@ -59,6 +59,7 @@ fn core_config(cfg: &Config, shard: usize, relay: SocketAddr) -> CoreConfig {
     c.error_rate_per_ip = Rate { per_sec: 20, burst: 40 };
     c.policy = AddressPolicy::new(&own_addrs(relay), cfg.deny_sources.clone());
     c.unconfirmed_budget = cfg.unconfirmed_budget;
+    c.stun = cfg.stun;
     c
 }
 
@@ -260,6 +261,7 @@ impl Running {
             steering,
             io = if uring { "io_uring" } else { "epoll" },
             gso = cfg.gso,
+            stun = cfg.stun,
             api_max_connections = api_cap,
             open_files_limit = nofile,
             region = %cfg.region,

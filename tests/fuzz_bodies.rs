@@ -30,6 +30,40 @@ proptest! {
     }
 
     #[test]
+    fn stun_view(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        harness::stun_view(&data);
+    }
+
+    #[test]
+    fn stun_view_with_attributes(
+        attrs in prop::collection::vec((any::<u16>(), prop::collection::vec(any::<u8>(), 0..24)), 0..6),
+        fingerprint in any::<bool>(),
+        txid in any::<[u8; 12]>(),
+    ) {
+        // Well-formed layouts with arbitrary attributes, some with a correct FINGERPRINT.
+        let mut m = vec![0x00, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42];
+        m.extend_from_slice(&txid);
+        for (kind, v) in &attrs {
+            m.extend_from_slice(&kind.to_be_bytes());
+            m.extend_from_slice(&(v.len() as u16).to_be_bytes());
+            m.extend_from_slice(v);
+            m.resize(m.len().div_ceil(4) * 4, 0);
+        }
+        if fingerprint {
+            let len = (m.len() - 20 + 8) as u16;
+            m[2..4].copy_from_slice(&len.to_be_bytes());
+            let crc = ferry::wire::stun::crc32(&m) ^ 0x5354_554e;
+            m.extend_from_slice(&[0x80, 0x28, 0, 4]);
+            m.extend_from_slice(&crc.to_be_bytes());
+        } else {
+            let len = (m.len() - 20) as u16;
+            m[2..4].copy_from_slice(&len.to_be_bytes());
+        }
+        // stun_view forces nothing when the first byte is even (0x00 here).
+        harness::stun_view(&m);
+    }
+
+    #[test]
     fn core_sequence(data in prop::collection::vec(any::<u8>(), 0..1500)) {
         harness::core_sequence(&data);
     }

@@ -20,6 +20,13 @@ impl Core {
         if buf.len() > MAX_DATAGRAM {
             return self.drop(DropReason::Oversize);
         }
+        if wire::stun::is_stun(buf) {
+            // Undo the counting above: the STUN path counts for itself.
+            self.stats.rx_packets -= 1;
+            self.stats.rx_bytes -= buf.len() as u64;
+            let len = buf.len();
+            return self.handle_stun(now, src, buf, len);
+        }
         if !self.cfg.policy.allows(&src) {
             return self.drop(DropReason::BadSource);
         }

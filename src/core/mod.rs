@@ -24,12 +24,14 @@ mod handlers;
 mod limiter;
 mod policy;
 mod stats;
+mod stun;
 mod table;
 
 pub use control::{Control, ControlError, ControlReply, Created, Entropy, Event};
 pub use limiter::Rate;
 pub use policy::{canonical_ip, AddressPolicy, Cidr};
 pub use stats::{DropReason, ReleaseReason, Stats};
+pub use stun::{StunOutcome, MAX_AMPLIFICATION};
 pub use table::owner_shard;
 
 use std::collections::VecDeque;
@@ -73,6 +75,11 @@ pub struct CoreConfig {
     /// Bytes relayed to a newly bound address before its client has sent anything but BINDs
     /// (bounds what a spoofed BIND can point at a third party).
     pub unconfirmed_budget: u32,
+    /// Answer STUN Binding requests on the relay port.
+    pub stun: bool,
+    /// STUN answers per source IP, and per shard.
+    pub stun_rate_per_ip: Rate,
+    pub stun_rate_global: Rate,
 }
 
 impl CoreConfig {
@@ -93,6 +100,9 @@ impl CoreConfig {
             conn_secret,
             policy: AddressPolicy::default(),
             unconfirmed_budget: 32 * 1024,
+            stun: true,
+            stun_rate_per_ip: Rate { per_sec: 10, burst: 20 },
+            stun_rate_global: Rate { per_sec: 10_000, burst: 10_000 },
         }
     }
 }
@@ -132,6 +142,7 @@ pub struct Core {
     wheel: TimerWheel<u32>,
     conn: ConnectionData,
     limiter: ErrorLimiter,
+    stun_limiter: ErrorLimiter,
     stats: Stats,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -149,6 +160,7 @@ impl Core {
             wheel: TimerWheel::new(now),
             conn: ConnectionData::new(&cfg.conn_secret),
             limiter: ErrorLimiter::new(cfg.limiter_buckets, cfg.error_rate_per_ip, cfg.error_rate_global),
+            stun_limiter: ErrorLimiter::new(cfg.limiter_buckets, cfg.stun_rate_per_ip, cfg.stun_rate_global),
             stats: Stats::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),

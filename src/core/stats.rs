@@ -33,10 +33,12 @@ pub enum DropReason {
     ReplyTooLarge,
     /// Relayed traffic beyond the budget of an address that has only sent BINDs.
     Unconfirmed,
+    /// A STUN datagram that was not answered (the reason is in the STUN counters).
+    Stun,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         Self::Oversize,
         Self::Short,
         Self::BadSignature,
@@ -54,6 +56,7 @@ impl DropReason {
         Self::ReplyRateLimited,
         Self::ReplyTooLarge,
         Self::Unconfirmed,
+        Self::Stun,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -76,6 +79,7 @@ impl DropReason {
             Self::ReplyRateLimited => "reply_rate_limited",
             Self::ReplyTooLarge => "reply_too_large",
             Self::Unconfirmed => "unconfirmed_destination",
+            Self::Stun => "stun",
         }
     }
 }
@@ -140,6 +144,8 @@ pub struct Stats {
     pub connects_rejected: u64,
     pub allocations_created: u64,
     pub released: [u64; 4],
+    /// STUN datagrams by outcome ([`super::StunOutcome`]).
+    pub stun: [u64; super::StunOutcome::COUNT],
 }
 
 impl Stats {
@@ -177,6 +183,9 @@ impl Stats {
         self.connects_rejected += o.connects_rejected;
         self.allocations_created += o.allocations_created;
         for (a, b) in self.released.iter_mut().zip(o.released) {
+            *a += b;
+        }
+        for (a, b) in self.stun.iter_mut().zip(o.stun) {
             *a += b;
         }
     }

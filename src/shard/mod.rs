@@ -190,6 +190,11 @@ pub fn spawn_all(setups: Vec<ShardSetup>) -> io::Result<(Vec<ShardHandle>, Vec<J
 /// big-endian word at offset 4 (8 for BIND) modulo the shard count. `None` when too short.
 #[inline]
 pub fn datagram_owner(d: &[u8], shards: u32) -> Option<usize> {
+    // Only Unity Relay messages name an allocation; anything else (STUN, garbage) stays where
+    // the kernel's hash put it.
+    if d.get(..2) != Some(&[crate::wire::SIGNATURE_0, crate::wire::SIGNATURE_1][..]) {
+        return None;
+    }
     let off = if d.get(3) == Some(&(MessageType::Bind as u8)) { 8 } else { 4 };
     let w = d.get(off..off + 4)?;
     Some((u32::from_be_bytes([w[0], w[1], w[2], w[3]]) % shards.max(1)) as usize)
@@ -241,7 +246,16 @@ impl State {
 
     /// Decides one received datagram: hand it to its owner shard, or let the core answer it.
     #[inline]
-    pub fn classify(&mut self, now: Millis, src: SocketAddr, buf: &mut [u8]) -> Verdict {
+    /// `room` is the whole receive buffer, the datagram its first `len` bytes (a STUN answer is
+    /// written in place and may be longer than its request).
+    pub fn classify(&mut self, now: Millis, src: SocketAddr, room: &mut [u8], len: usize) -> Verdict {
+        if crate::wire::stun::is_stun(&room[..len]) {
+            return match self.core.handle_stun(now, src, room, len) {
+                Action::Reply(n) => Verdict::Send(src, n),
+                _ => Verdict::Done,
+            };
+        }
+        let buf = &mut room[..len];
         let shards = self.peers.len() as u32;
         if shards > 1 {
             if let Some(owner) = datagram_owner(buf, shards).filter(|&o| o != self.index) {
@@ -362,7 +376,7 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
                             // A truncated datagram is oversize by definition; the core counts it.
                             let len = if m.truncated { MAX_DATAGRAM + 1 } else { m.len };
                             if let Verdict::Send(dst, len) =
-                                st.classify(now, m.src, &mut batch.bufs[i][..len])
+                                st.classify(now, m.src, &mut batch.bufs[i][..], len)
                             {
                                 sends.push(SendItem { slot: i, len, dst });
                             }

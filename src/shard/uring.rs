@@ -341,7 +341,7 @@ pub(super) fn run(
                     let truncated = payload_len > room || msg_flags & libc::MSG_TRUNC != 0;
                     let len = if truncated { (MAX_DATAGRAM + 1).min(room) } else { payload_len };
                     let verdict = match src {
-                        Some(src) => st.classify(now, src, &mut buf[PAYLOAD..PAYLOAD + len]),
+                        Some(src) => st.classify(now, src, &mut buf[PAYLOAD..], len),
                         None => Verdict::Done,
                     };
                     match verdict {

@@ -1,7 +1,7 @@
 //! Builds and attaches the reuseport steering program whose source is `bpf/steer.bpf`.
 //!
 //! The assembler understands exactly what that program needs: `ld #len`, `ld [k]`, `ldb [k]`,
-//! `jeq`/`jge`/`jgt`/`jlt #k, label[, label]`, `ja label`, `mod #k`, `ret a`, `ret #k`, labels and
+//! `jeq`/`jge`/`jgt`/`jlt #k, label[, label]`, `jne #k, label`, `ja label`, `mod #k`, `ret a`, `ret #k`, labels and
 //! `;` comments, with the symbol `SHARDS`.
 
 use std::io;
@@ -96,6 +96,13 @@ pub fn assemble(src: &str, shards: u32) -> Result<Vec<Insn>, String> {
             }
             ("ret", ["a"]) => Insn { code: BPF_RET | BPF_A, jt: 0, jf: 0, k: 0 },
             ("ret", [k]) => Insn { code: BPF_RET | BPF_K, jt: 0, jf: 0, k: num(k, shards).map_err(e)? },
+            ("jne", [k, t]) => {
+                let no = target(t, at, *line)?;
+                if no > 255 {
+                    return Err(format!("line {line}: jump too far"));
+                }
+                Insn { code: BPF_JMP | BPF_JEQ | BPF_K, jt: 0, jf: no as u8, k: num(k, shards).map_err(e)? }
+            }
             (j @ ("jeq" | "jge" | "jgt" | "jlt"), [k, t, rest @ ..]) => {
                 let k = num(k, shards).map_err(e)?;
                 let yes = target(t, at, *line)?;
@@ -221,5 +228,23 @@ mod tests {
         assert_eq!(run(&p, &ping), 2, "a 22-byte PING is steered");
         assert_eq!(run(&p, &[0xDA, 0x72, 0, 2]), u32::MAX, "too short for an ID: the kernel's hash");
         assert_eq!(run(&p, &[0xDA, 0x72, 0, 0, 0, 0, 0, 0, 1]), u32::MAX, "a BIND too short for its ID");
+    }
+
+    #[test]
+    fn only_unity_datagrams_are_steered() {
+        let p = program(4);
+        // A STUN request with attributes carries the cookie where a Unity message has its ID:
+        // it must go to the kernel's hash, not all to shard 0x2112A442 % 4.
+        let mut stun = vec![0x00, 0x01, 0x00, 0x08, 0x21, 0x12, 0xA4, 0x42];
+        stun.extend_from_slice(&[9; 20]);
+        assert_eq!(run(&p, &stun), u32::MAX);
+        let mut bare = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+        bare.extend_from_slice(&[9; 12]);
+        assert_eq!(run(&p, &bare), u32::MAX, "a zero-length STUN request is not a BIND");
+        let mut wrong = vec![0xDA, 0x73, 0, 10];
+        wrong.extend_from_slice(&[0; 34]);
+        assert_eq!(run(&p, &wrong), u32::MAX);
+        assert_eq!(crate::shard::datagram_owner(&stun, 4), None);
+        assert_eq!(crate::shard::datagram_owner(&wrong, 4), None);
     }
 }

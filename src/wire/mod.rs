@@ -13,6 +13,7 @@ mod error;
 pub mod pair;
 mod ping;
 mod relay;
+pub mod stun;
 
 pub use bind::{emit_bind_received, Bind, BIND_RECEIVED_LEN};
 pub use close::Close;
