@@ -109,6 +109,8 @@ pub struct RelayClient {
     last_recv: Millis,
     opts: ClientOptions,
     buf: Vec<u8>,
+    tx: Vec<u8>,
+    nonblocking: bool,
 }
 
 impl RelayClient {
@@ -157,6 +159,8 @@ impl RelayClient {
             last_recv: 0,
             opts: ClientOptions::default(),
             buf: vec![0u8; 2048],
+            tx: vec![0u8; 2048],
+            nonblocking: false,
         })
     }
 
@@ -167,6 +171,74 @@ impl RelayClient {
 
     pub fn id(&self) -> AllocationId {
         self.id
+    }
+
+    /// Sends to `relay` instead of the endpoint the allocation names (a proxy in front of the
+    /// relay, or a test's lossy link).
+    pub fn with_relay(mut self, relay: SocketAddr) -> Self {
+        self.relay = relay;
+        self
+    }
+
+    /// The UDP socket toward the relay, for registering with an event loop (with
+    /// [`set_nonblocking`](Self::set_nonblocking) on and [`poll_recv`](Self::poll_recv)).
+    pub fn socket(&self) -> &UdpSocket {
+        &self.sock
+    }
+
+    /// Non-blocking mode for event loops: [`poll_recv`](Self::poll_recv) then never waits. It
+    /// stays on across [`migrate_socket`](Self::migrate_socket).
+    pub fn set_nonblocking(&mut self, on: bool) -> Result<(), ClientError> {
+        self.sock.set_nonblocking(on)?;
+        self.nonblocking = on;
+        Ok(())
+    }
+
+    /// The next message already waiting on the socket, without blocking (non-blocking mode).
+    /// Datagrams that are not from the relay or not for this allocation are skipped.
+    pub fn poll_recv(&mut self) -> Result<Option<Incoming>, ClientError> {
+        loop {
+            let (n, from) = match self.sock.recv_from(&mut self.buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A previous send's ICMP error (e.g. the relay restarting): not fatal.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if from != self.relay {
+                continue;
+            }
+            if let Some(m) = self.decode(n) {
+                self.last_recv = self.clock.now();
+                return Ok(Some(m));
+            }
+        }
+    }
+
+    /// Sends a RELAY to `to` whose payload `write` puts into the buffer it is given (at most
+    /// 1,434 bytes) and whose length it returns; no allocation per datagram. `Ok(false)` when
+    /// `write` declined.
+    pub fn send_with(
+        &mut self,
+        to: &AllocationId,
+        write: impl FnOnce(&mut [u8]) -> Option<usize>,
+    ) -> Result<bool, ClientError> {
+        const HEADER: usize = Relay::<&[u8]>::HEADER_LEN;
+        let Some(n) = write(&mut self.tx[HEADER..HEADER + 1434]) else { return Ok(false) };
+        wire::write_header(&mut self.tx, MessageType::Relay);
+        self.tx[4..20].copy_from_slice(&self.id.0);
+        self.tx[20..36].copy_from_slice(&to.0);
+        self.tx[36..38].copy_from_slice(&(n as u16).to_be_bytes());
+        match self.sock.send_to(&self.tx[..HEADER + n], self.relay) {
+            Ok(_) => {}
+            // A full socket buffer drops the datagram, as the network would.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.last_sent = self.clock.now();
+        Ok(true)
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -185,6 +257,7 @@ impl RelayClient {
             .parse()
             .map_err(|_| ClientError::BadAllocation("local address".into()))?;
         self.sock = UdpSocket::bind(local)?;
+        self.sock.set_nonblocking(self.nonblocking)?;
         Ok(())
     }
 

@@ -29,6 +29,7 @@ pub mod conn;
 pub mod demo;
 pub mod http;
 pub mod packets;
+pub mod tunnel;
 
 pub use api::{ApiClient, ApiError};
 pub use conn::{ClientError, ClientOptions, Incoming, RelayClient};

@@ -193,7 +193,7 @@ pub(crate) fn check_header(b: &[u8], ty: MessageType) -> Result<(), WireError> {
 }
 
 #[inline]
-pub(crate) fn write_header(out: &mut [u8], ty: MessageType) {
+pub fn write_header(out: &mut [u8], ty: MessageType) {
     out[0] = SIGNATURE_0;
     out[1] = SIGNATURE_1;
     out[2] = VERSION;

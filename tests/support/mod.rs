@@ -222,3 +222,135 @@ pub fn post_request(path: &str, body: &str, token: Option<&str>) -> String {
         body.len()
     )
 }
+
+/// A UDP link in front of the relay that drops `loss_percent` of datagrams each way (seeded,
+/// so a run is repeatable). Each client source gets its own upstream socket, so the relay sees
+/// one address per client, as through a NAT. Stops when dropped.
+pub struct LossyLink {
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LossyLink {
+    pub fn new(relay: SocketAddr, loss_percent: u32, seed: u64) -> Self {
+        use std::collections::HashMap;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let front = UdpSocket::bind(if relay.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }).unwrap();
+        front.set_nonblocking(true).unwrap();
+        let addr = front.local_addr().unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut rng = seed | 1;
+            let mut keep = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % 100 >= loss_percent as u64
+            };
+            let mut up: HashMap<SocketAddr, UdpSocket> = HashMap::new();
+            let mut buf = [0u8; 2048];
+            while !s2.load(Ordering::Relaxed) {
+                let mut idle = true;
+                while let Ok((n, client)) = front.recv_from(&mut buf) {
+                    idle = false;
+                    let u = up.entry(client).or_insert_with(|| {
+                        let u =
+                            UdpSocket::bind(if relay.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }).unwrap();
+                        u.set_nonblocking(true).unwrap();
+                        u
+                    });
+                    if keep() {
+                        let _ = u.send_to(&buf[..n], relay);
+                    }
+                }
+                for (client, u) in &up {
+                    while let Ok((n, _)) = u.recv_from(&mut buf) {
+                        idle = false;
+                        if keep() {
+                            let _ = front.send_to(&buf[..n], client);
+                        }
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        Self { addr, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for LossyLink {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A host tunnel and a join tunnel on threads, in front of `srv`, each through `relay` (the
+/// relay itself, or a lossy link in front of it).
+pub struct Tunnels {
+    pub host_ctl: std::sync::Arc<ferry::client::tunnel::TunnelControl>,
+    pub join_ctl: std::sync::Arc<ferry::client::tunnel::TunnelControl>,
+    /// Where the game client sends, one address per forwarded port.
+    pub local: Vec<SocketAddr>,
+    pub host: Option<std::thread::JoinHandle<Result<(), String>>>,
+    pub join: Option<std::thread::JoinHandle<Result<ferry::client::tunnel::JoinExit, String>>>,
+    pub events: std::sync::Arc<std::sync::Mutex<Vec<ferry::client::tunnel::TunnelEvent>>>,
+}
+
+impl Tunnels {
+    pub fn start(
+        srv: &Server,
+        forwards: Vec<SocketAddr>,
+        host_relay: SocketAddr,
+        join_relay: SocketAddr,
+    ) -> Self {
+        use ferry::client::tunnel::*;
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let api = srv.api();
+        // The joiner mirrors the host's port numbers, which its own game server holds here:
+        // shift them below the ephemeral range.
+        let min = forwards.iter().map(|a| a.port() as i32).min().unwrap_or(0);
+        let port_offset = 2000 + min % 5000 - min;
+        let cfg = HostConfig { forwards, players: 4, timing: Timing::default(), relay: Some(host_relay) };
+        let mut host = HostTunnel::open(&api, cfg).unwrap();
+        let code = host.join_code().to_string();
+        let host_ctl = TunnelControl::new();
+        let (c, ev) = (host_ctl.clone(), events.clone());
+        let host = std::thread::spawn(move || {
+            host.run(&c, &mut |e| ev.lock().unwrap().push(e)).map_err(|e| e.to_string())
+        });
+        let jcfg = JoinConfig {
+            listen: "127.0.0.1".parse().unwrap(),
+            port_offset,
+            relay: Some(join_relay),
+            ..JoinConfig::default()
+        };
+        let mut join = JoinTunnel::open(&api, &code, jcfg).unwrap();
+        let local = join.local_addrs();
+        let join_ctl = TunnelControl::new();
+        let (c, ev) = (join_ctl.clone(), events.clone());
+        let join = std::thread::spawn(move || {
+            join.run(&c, &mut |e| ev.lock().unwrap().push(e)).map_err(|e| e.to_string())
+        });
+        Self { host_ctl, join_ctl, local, host: Some(host), join: Some(join), events }
+    }
+}
+
+impl Drop for Tunnels {
+    fn drop(&mut self) {
+        self.join_ctl.stop();
+        self.host_ctl.stop();
+        if let Some(t) = self.join.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.host.take() {
+            let _ = t.join();
+        }
+    }
+}

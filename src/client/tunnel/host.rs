@@ -1,0 +1,346 @@
+//! The host side: one allocation, every player's flows, one local socket per (player, port,
+//! flow) toward the game server.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::frame::{self, Frame};
+use super::poller::{Poller, LOCAL_BASE, RELAY};
+use super::{Timing, TunnelControl, TunnelError, TunnelEvent};
+use crate::client::{ApiClient, Incoming, RelayClient};
+use crate::clock::{Clock, Millis};
+use crate::wire::{AllocationId, ErrorCode};
+
+/// What a host tunnel serves.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// The game server's UDP addresses, in order (a player's port index is the position here).
+    pub forwards: Vec<SocketAddr>,
+    /// Players at once (`maxConnections` of the host allocation; the relay enforces it).
+    pub players: u16,
+    pub timing: Timing,
+    /// Send to this address instead of the relay endpoint the API names.
+    pub relay: Option<SocketAddr>,
+}
+
+struct Flow {
+    player: AllocationId,
+    port: u8,
+    flow: u32,
+    sock: mio::net::UdpSocket,
+    last: Millis,
+    seq: u32,
+    oversize_reported: bool,
+}
+
+struct Player {
+    last_heard: Millis,
+    flows: HashMap<(u8, u32), usize>,
+}
+
+/// A running host tunnel. See the [module docs](super).
+pub struct HostTunnel {
+    relay: RelayClient,
+    join_code: String,
+    cfg: HostConfig,
+    clock: Clock,
+    poller: Poller,
+    players: HashMap<AllocationId, Player>,
+    flows: Vec<Option<Flow>>,
+    free: Vec<usize>,
+    buf: Vec<u8>,
+}
+
+impl HostTunnel {
+    /// Allocates, binds and gets the join code.
+    pub fn open(api: &ApiClient, cfg: HostConfig) -> Result<Self, TunnelError> {
+        if cfg.forwards.is_empty() || cfg.forwards.len() > frame::MAX_PORTS {
+            return Err(TunnelError::Config(format!("forward 1 to {} ports", frame::MAX_PORTS)));
+        }
+        let alloc = api.allocate(cfg.players.max(1) as u32, None)?;
+        let join_code = api.join_code(&alloc.allocation_id)?;
+        let mut relay = RelayClient::new(&alloc)?;
+        if let Some(r) = cfg.relay {
+            relay = relay.with_relay(r);
+        }
+        relay.bind()?;
+        relay.set_nonblocking(true)?;
+        let mut poller = Poller::new()?;
+        poller.watch_relay(relay.socket())?;
+        Ok(Self {
+            relay,
+            join_code,
+            cfg,
+            clock: Clock::new(),
+            poller,
+            players: HashMap::new(),
+            flows: Vec::new(),
+            free: Vec::new(),
+            buf: vec![0u8; 2048],
+        })
+    }
+
+    pub fn join_code(&self) -> &str {
+        &self.join_code
+    }
+
+    pub fn allocation_id(&self) -> AllocationId {
+        self.relay.id()
+    }
+
+    /// Serves until `ctl` says stop; then says BYE to every player and closes the allocation.
+    pub fn run(
+        &mut self,
+        ctl: &Arc<TunnelControl>,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) -> Result<(), TunnelError> {
+        let mut ready = Vec::new();
+        let mut last_ping = 0;
+        let r = loop {
+            if ctl.stopped() {
+                break Ok(());
+            }
+            if ctl.take_migrate() {
+                self.relay.migrate_socket()?;
+                self.poller.watch_relay(self.relay.socket())?;
+                self.relay.send_bind()?;
+                events(TunnelEvent::Rebound { local: self.relay.local_addr()? });
+            }
+            self.poller.wait(Duration::from_millis(250), &mut ready)?;
+            for t in &ready {
+                if *t == RELAY {
+                    self.drain_relay(ctl, events)?;
+                } else {
+                    self.drain_local(t.0 - LOCAL_BASE, ctl, events)?;
+                }
+            }
+            let now = self.clock.now();
+            self.relay.maintain()?;
+            if now.saturating_sub(last_ping) >= self.cfg.timing.ping_interval.as_millis() as u64 {
+                last_ping = now;
+                let ping = Frame::Ping { id: 0, sent_us: self.clock.nanos() / 1000 }.to_vec();
+                let ids: Vec<AllocationId> = self.players.keys().copied().collect();
+                for p in ids {
+                    self.relay.send(&p, &ping)?;
+                }
+            }
+            self.expire(now, ctl, events);
+        };
+        let bye = Frame::Bye.to_vec();
+        let ids: Vec<AllocationId> = self.players.keys().copied().collect();
+        for p in ids {
+            let _ = self.relay.send(&p, &bye);
+        }
+        let _ = self.relay.close();
+        r
+    }
+
+    fn drain_relay(
+        &mut self,
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) -> Result<(), TunnelError> {
+        while let Some(m) = self.relay.poll_recv()? {
+            match m {
+                Incoming::Relay { from, payload } => self.on_frame(from, &payload, ctl, events)?,
+                Incoming::Error { code: ErrorCode::BoundElsewhere } => self.relay.send_bind()?,
+                Incoming::Error {
+                    code: c @ (ErrorCode::AllocationNotFound | ErrorCode::AllocationTimedOut),
+                } => return Err(TunnelError::Relay(crate::client::ClientError::Relay(c))),
+                Incoming::Disconnect { from } => self.remove_player(from, "disconnected", ctl, events),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_frame(
+        &mut self,
+        from: AllocationId,
+        payload: &[u8],
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) -> Result<(), TunnelError> {
+        let now = self.clock.now();
+        let Ok(f) = Frame::parse(payload) else {
+            ctl.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        };
+        match self.players.entry(from) {
+            std::collections::hash_map::Entry::Occupied(mut p) => p.get_mut().last_heard = now,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                if !matches!(f, Frame::Join | Frame::Data { .. } | Frame::Ping { .. }) {
+                    return Ok(());
+                }
+                v.insert(Player { last_heard: now, flows: HashMap::new() });
+                events(TunnelEvent::PlayerJoined { player: from });
+            }
+        }
+        match f {
+            Frame::Join => {
+                let ports = self.cfg.forwards.iter().map(|a| a.port()).collect();
+                self.relay.send(&from, &Frame::Hello { ports }.to_vec())?;
+            }
+            Frame::Data { port, flow, payload: data, .. } => {
+                let Some(&target) = self.cfg.forwards.get(port as usize) else {
+                    ctl.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                };
+                let i = match self.players.get(&from).and_then(|p| p.flows.get(&(port, flow))) {
+                    Some(&i) => i,
+                    None => self.open_flow(from, port, flow, target, ctl, events)?,
+                };
+                if let Some(fl) = self.flows[i].as_mut() {
+                    fl.last = now;
+                    if fl.sock.send(data).is_ok() {
+                        ctl.stats.from_relay.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Frame::Close { port, flow } => {
+                if let Some(i) = self.players.get_mut(&from).and_then(|p| p.flows.remove(&(port, flow))) {
+                    self.close_flow(i, "closed by the player", false, ctl, events);
+                }
+            }
+            Frame::Ping { id, sent_us } => self.relay.send(&from, &Frame::Pong { id, sent_us }.to_vec())?,
+            Frame::Pong { sent_us, .. } => {
+                let micros = (self.clock.nanos() / 1000).saturating_sub(sent_us);
+                events(TunnelEvent::Rtt { peer: from, micros });
+            }
+            Frame::Bye => self.remove_player(from, "left", ctl, events),
+            Frame::Hello { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn open_flow(
+        &mut self,
+        player: AllocationId,
+        port: u8,
+        flow: u32,
+        target: SocketAddr,
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) -> Result<usize, TunnelError> {
+        // A loopback target gets a loopback source; otherwise the OS picks the interface.
+        let local_ip = match (target.ip().is_loopback(), target.is_ipv4()) {
+            (true, true) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            (true, false) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            (false, true) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            (false, false) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        let std_sock = std::net::UdpSocket::bind(SocketAddr::new(local_ip, 0))?;
+        std_sock.connect(target)?;
+        std_sock.set_nonblocking(true)?;
+        let local = std_sock.local_addr()?;
+        let mut sock = mio::net::UdpSocket::from_std(std_sock);
+        let i = self.free.pop().unwrap_or_else(|| {
+            self.flows.push(None);
+            self.flows.len() - 1
+        });
+        self.poller.register(&mut sock, i)?;
+        let now = self.clock.now();
+        self.flows[i] = Some(Flow { player, port, flow, sock, last: now, seq: 0, oversize_reported: false });
+        if let Some(p) = self.players.get_mut(&player) {
+            p.flows.insert((port, flow), i);
+        }
+        ctl.stats.flows_opened.fetch_add(1, Ordering::Relaxed);
+        events(TunnelEvent::FlowOpened { player: Some(player), port, flow, local });
+        Ok(i)
+    }
+
+    fn drain_local(
+        &mut self,
+        i: usize,
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) -> Result<(), TunnelError> {
+        let now = self.clock.now();
+        loop {
+            let Some(fl) = self.flows.get_mut(i).and_then(Option::as_mut) else { return Ok(()) };
+            let n = match fl.sock.recv(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                // The game server's port refused an earlier datagram (ICMP): not fatal.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            fl.last = now;
+            if n > frame::MAX_GAME_DATAGRAM {
+                ctl.stats.oversize.fetch_add(1, Ordering::Relaxed);
+                if !fl.oversize_reported {
+                    fl.oversize_reported = true;
+                    events(TunnelEvent::Oversize { port: fl.port, flow: fl.flow, len: n });
+                }
+                continue;
+            }
+            fl.seq = fl.seq.wrapping_add(1);
+            let (player, port, flow, seq) = (fl.player, fl.port, fl.flow, fl.seq);
+            let data = &self.buf[..n];
+            self.relay.send_with(&player, |out| frame::write_data(out, port, flow, seq, data))?;
+            ctl.stats.to_relay.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn close_flow(
+        &mut self,
+        i: usize,
+        reason: &'static str,
+        tell: bool,
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) {
+        let Some(mut fl) = self.flows.get_mut(i).and_then(Option::take) else { return };
+        self.poller.deregister(&mut fl.sock);
+        self.free.push(i);
+        if tell {
+            let _ = self.relay.send(&fl.player, &Frame::Close { port: fl.port, flow: fl.flow }.to_vec());
+        }
+        ctl.stats.flows_closed.fetch_add(1, Ordering::Relaxed);
+        events(TunnelEvent::FlowClosed { player: Some(fl.player), port: fl.port, flow: fl.flow, reason });
+    }
+
+    fn remove_player(
+        &mut self,
+        player: AllocationId,
+        reason: &'static str,
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) {
+        let Some(p) = self.players.remove(&player) else { return };
+        for (_, i) in p.flows {
+            self.close_flow(i, "player left", false, ctl, events);
+        }
+        events(TunnelEvent::PlayerLeft { player, reason });
+    }
+
+    fn expire(&mut self, now: Millis, ctl: &TunnelControl, events: &mut dyn FnMut(TunnelEvent)) {
+        let idle = self.cfg.timing.flow_idle.as_millis() as u64;
+        let stale: Vec<usize> = (0..self.flows.len())
+            .filter(|&i| self.flows[i].as_ref().is_some_and(|f| now.saturating_sub(f.last) >= idle))
+            .collect();
+        for i in stale {
+            if let Some(f) = self.flows[i].as_ref() {
+                let (player, key) = (f.player, (f.port, f.flow));
+                if let Some(p) = self.players.get_mut(&player) {
+                    p.flows.remove(&key);
+                }
+            }
+            self.close_flow(i, "idle", true, ctl, events);
+        }
+        let timeout = self.cfg.timing.peer_timeout.as_millis() as u64;
+        let gone: Vec<AllocationId> = self
+            .players
+            .iter()
+            .filter(|(_, p)| now.saturating_sub(p.last_heard) >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for p in gone {
+            self.remove_player(p, "silent", ctl, events);
+        }
+    }
+}

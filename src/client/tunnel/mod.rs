@@ -1,0 +1,196 @@
+//! `ferry tunnel`: any UDP game through Ferry, unchanged.
+//!
+//! A **host tunnel** runs next to a game server. It allocates a host slot, binds, gets a join
+//! code, and forwards one or more local UDP ports ([`HostConfig::forwards`]). For every remote
+//! player and every flow of that player it opens its own local UDP socket toward the game
+//! server, so the server sees one stable, distinct source address per player and channel, as if
+//! the player were on its LAN.
+//!
+//! A **join tunnel** runs next to a game client. It joins with the code, binds, connects to the
+//! host, learns the host's forwarded ports (HELLO) and listens on local ports that mirror them.
+//! Each local client address that sends to one of them is a flow.
+//!
+//! Everything crosses the relay as RELAY payloads in the small, versioned protocol of
+//! [`frame`] (`docs/tunnel-protocol.md`). Game datagrams are carried unchanged, up to
+//! [`frame::MAX_GAME_DATAGRAM`] bytes; a larger one is dropped, counted and reported once per
+//! flow. Tunnels keep their allocations alive (PING when quiet, as Unity Transport does), re-BIND
+//! after a network change, keep flows open for a configurable idle time (default 120 s, longer
+//! than QUIC's 60 s), and tell each other when they leave.
+//!
+//! Both tunnels are objects other Rust programs can embed: build one with `open`, then call
+//! `run` on a thread with a [`TunnelControl`] to stop it or to move it to a new local port.
+
+pub mod frame;
+mod host;
+mod join;
+mod poller;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use host::{HostConfig, HostTunnel};
+pub use join::{JoinConfig, JoinExit, JoinTunnel};
+
+use crate::wire::AllocationId;
+
+/// What a tunnel reports while it runs (printed by `ferry tunnel`, `--json` as event lines).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TunnelEvent {
+    /// A player's join tunnel said hello (host side).
+    PlayerJoined {
+        player: AllocationId,
+    },
+    /// A player left (BYE) or fell silent for the peer timeout (host side).
+    PlayerLeft {
+        player: AllocationId,
+        reason: &'static str,
+    },
+    /// A new flow: host side, the local socket that now speaks for it; joiner side, the game
+    /// client's address.
+    FlowOpened {
+        player: Option<AllocationId>,
+        port: u8,
+        flow: u32,
+        local: SocketAddr,
+    },
+    FlowClosed {
+        player: Option<AllocationId>,
+        port: u8,
+        flow: u32,
+        reason: &'static str,
+    },
+    /// A game datagram over [`frame::MAX_GAME_DATAGRAM`] was dropped (reported once per flow).
+    Oversize {
+        port: u8,
+        flow: u32,
+        len: usize,
+    },
+    /// The tunnel moved to a new local socket and re-bound.
+    Rebound {
+        local: SocketAddr,
+    },
+    /// Round-trip time through the relay to a peer tunnel.
+    Rtt {
+        peer: AllocationId,
+        micros: u64,
+    },
+}
+
+/// Errors that end a tunnel.
+#[derive(Debug)]
+pub enum TunnelError {
+    Api(crate::client::ApiError),
+    Relay(crate::client::ClientError),
+    Io(std::io::Error),
+    /// The host never answered JOIN with its forward list.
+    NoHello,
+    Config(String),
+}
+
+impl std::fmt::Display for TunnelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Api(e) => write!(f, "{e}"),
+            Self::Relay(e) => write!(f, "relay: {e}"),
+            Self::Io(e) => write!(f, "{e}"),
+            Self::NoHello => f.write_str("the host tunnel did not answer (is it running?)"),
+            Self::Config(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for TunnelError {}
+
+impl From<std::io::Error> for TunnelError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl From<crate::client::ClientError> for TunnelError {
+    fn from(e: crate::client::ClientError) -> Self {
+        Self::Relay(e)
+    }
+}
+
+impl From<crate::client::ApiError> for TunnelError {
+    fn from(e: crate::client::ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+/// Counters of one tunnel, readable while it runs.
+#[derive(Debug, Default)]
+pub struct TunnelStats {
+    /// Game datagrams from local sockets sent through the relay.
+    pub to_relay: AtomicU64,
+    /// Game datagrams from the relay delivered to local sockets.
+    pub from_relay: AtomicU64,
+    /// Game datagrams over the size limit, dropped.
+    pub oversize: AtomicU64,
+    /// Relay payloads that were not tunnel frames, or named an unknown port.
+    pub bad_frames: AtomicU64,
+    pub flows_opened: AtomicU64,
+    pub flows_closed: AtomicU64,
+}
+
+impl TunnelStats {
+    pub fn get(a: &AtomicU64) -> u64 {
+        a.load(Ordering::Relaxed)
+    }
+}
+
+/// Shared with a running tunnel: stop it, or ask it to move to a fresh local socket (what a
+/// network change does) and re-BIND.
+#[derive(Debug, Default)]
+pub struct TunnelControl {
+    stop: AtomicBool,
+    migrate: AtomicBool,
+    pub stats: TunnelStats,
+}
+
+impl TunnelControl {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Moves the tunnel's relay socket to a new local port on its next turn.
+    pub fn migrate(&self) {
+        self.migrate.store(true, Ordering::Relaxed);
+    }
+
+    fn take_migrate(&self) -> bool {
+        self.migrate.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// Timings shared by both tunnels.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// A flow with no datagram either way for this long is closed (sockets freed).
+    pub flow_idle: Duration,
+    /// A peer tunnel silent for this long is gone.
+    pub peer_timeout: Duration,
+    /// Tunnel-level PING through the relay (RTT, and liveness of the peer tunnel).
+    pub ping_interval: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            flow_idle: Duration::from_secs(120),
+            peer_timeout: Duration::from_secs(20),
+            ping_interval: Duration::from_secs(2),
+        }
+    }
+}
