@@ -1,0 +1,263 @@
+//! Real game-networking stacks through two `ferry tunnel`s and a real relay, unmodified:
+//! netcode.io (the `netcode-rs` crate) and QUIC (quinn, ALPN `hytale/1`, 60 s idle timeout).
+//! Each runs clean and with 5 % loss between the tunnels and the relay, and stays quiet longer
+//! than the relay's idle timeout (3 s here) in the middle.
+
+mod support;
+
+use std::time::Duration;
+
+use ferry::clock::Clock;
+use support::{LossyLink, Server, Tunnels};
+
+const RELAY_IDLE: Duration = Duration::from_secs(3);
+
+fn relay() -> Server {
+    Server::start(|c| {
+        c.idle_timeout = RELAY_IDLE;
+        c.host_alone_timeout = RELAY_IDLE;
+    })
+}
+
+type NcClient = netcode::Client<netcode::NetcodeSocket>;
+type NcServer = netcode::Server<netcode::NetcodeSocket>;
+
+#[derive(Default)]
+struct Counts {
+    to_server: u32,
+    to_client: u32,
+}
+
+/// One 10 ms tick of both sides: the server echoes every payload; the client sends one.
+fn netcode_tick(client: &mut NcClient, server: &mut NcServer, send: bool, n: &mut Counts, now: f64) {
+    server.update(now);
+    client.update(now);
+    while let Some((p, idx)) = server.recv() {
+        assert!(p.starts_with(b"c2s"), "{p:?}");
+        n.to_server += 1;
+        server.send(b"s2c payload", idx).unwrap();
+    }
+    while let Some(p) = client.recv() {
+        assert_eq!(p, b"s2c payload");
+        n.to_client += 1;
+    }
+    if send && client.is_connected() {
+        client.send(b"c2s payload").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(10));
+}
+
+fn netcode_through_tunnels(loss: u32) {
+    let srv = relay();
+    let key = netcode::generate_key();
+    let pid = 0x4645_5252_5900_0001u64;
+    // The server's own address must be in the token's internal list (netcode checks it), so it
+    // binds one exact address.
+    let mut server = netcode::Server::new("127.0.0.1:0", pid, key).unwrap();
+    let server_addr = server.addr();
+    let (hl, jl) = (LossyLink::new(srv.relay_addr(), loss, 3), LossyLink::new(srv.relay_addr(), loss, 5));
+    let t = Tunnels::start(&srv, vec![server_addr], hl.addr, jl.addr);
+    // The client is told the join tunnel's local address, the server's real one stays internal.
+    let token = netcode::ConnectToken::build(t.local[0], pid, 77, key)
+        .internal_addresses(server_addr)
+        .unwrap()
+        .timeout_seconds(15)
+        .generate()
+        .unwrap()
+        .try_into_bytes()
+        .unwrap();
+    let mut client = netcode::Client::new(&token).unwrap();
+    client.connect();
+    let clock = Clock::new();
+    let secs = || clock.nanos() as f64 / 1e9;
+    let mut n = Counts::default();
+    let tick = |client: &mut NcClient, server: &mut NcServer, send: bool, n: &mut Counts| {
+        netcode_tick(client, server, send, n, secs());
+    };
+    // Connect and talk.
+    let start = clock.now();
+    while !(client.is_connected() && n.to_client >= 20) {
+        assert!(clock.now() - start < 15_000, "netcode did not connect and talk: {:?}", client.state());
+        tick(&mut client, &mut server, true, &mut n);
+    }
+    assert_eq!(server.num_connected_clients(), 1);
+    // Only netcode's own keep-alives for longer than the relay's idle timeout.
+    let quiet = clock.now();
+    while clock.now() - quiet < RELAY_IDLE.as_millis() as u64 + 1500 {
+        tick(&mut client, &mut server, false, &mut n);
+    }
+    assert!(client.is_connected(), "still connected after the quiet period: {:?}", client.state());
+    let before = n.to_client;
+    let resume = clock.now();
+    while n.to_client < before + 20 {
+        assert!(clock.now() - resume < 10_000, "payloads flow again");
+        tick(&mut client, &mut server, true, &mut n);
+    }
+    assert!(n.to_server >= 40);
+    client.disconnect().unwrap();
+}
+
+#[test]
+fn netcode_through_tunnels_clean() {
+    netcode_through_tunnels(0);
+}
+
+#[test]
+fn netcode_through_tunnels_with_5_percent_loss() {
+    netcode_through_tunnels(5);
+}
+
+mod quic {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+    pub const ALPN: &[u8] = b"hytale/1";
+
+    /// The client's states, in the order a session goes through them.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum State {
+        Connecting,
+        Handshaking,
+        Authenticating,
+        Play,
+        Disconnecting,
+        Disconnected,
+    }
+
+    fn transport() -> Arc<quinn::TransportConfig> {
+        let mut t = quinn::TransportConfig::default();
+        t.max_idle_timeout(Some(Duration::from_millis(60_000).try_into().unwrap()));
+        Arc::new(t)
+    }
+
+    pub fn server(addr: SocketAddr) -> (quinn::Endpoint, rustls::pki_types::CertificateDer<'static>) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let der = cert.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
+        cfg.transport_config(transport());
+        (quinn::Endpoint::server(cfg, addr).unwrap(), der)
+    }
+
+    pub fn client(ca: rustls::pki_types::CertificateDer<'static>) -> quinn::Endpoint {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+        cfg.transport_config(transport());
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(cfg);
+        ep
+    }
+
+    pub async fn exchange(conn: &quinn::Connection, msg: &str) -> String {
+        let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+        tx.write_all(msg.as_bytes()).await.unwrap();
+        tx.finish().unwrap();
+        String::from_utf8(rx.read_to_end(4096).await.unwrap()).unwrap()
+    }
+
+    /// Answers the login exchange and PLAY traffic on every stream of every connection.
+    pub async fn serve(ep: quinn::Endpoint) {
+        while let Some(incoming) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                assert_eq!(
+                    conn.handshake_data()
+                        .unwrap()
+                        .downcast::<quinn::crypto::rustls::HandshakeData>()
+                        .unwrap()
+                        .protocol
+                        .as_deref(),
+                    Some(ALPN)
+                );
+                while let Ok((mut tx, mut rx)) = conn.accept_bi().await {
+                    let req = rx.read_to_end(4096).await.unwrap_or_default();
+                    let reply: &[u8] = match req.as_slice() {
+                        b"Connect" => b"AuthGrant",
+                        b"AuthToken" => b"ServerAuthToken",
+                        b"Play" => b"PlayOk",
+                        b"Ping" => b"Pong",
+                        _ => b"?",
+                    };
+                    let _ = tx.write_all(reply).await;
+                    let _ = tx.finish();
+                }
+            });
+        }
+    }
+}
+
+fn quic_through_tunnels(loss: u32) {
+    use quic::State;
+    let srv = relay();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _guard = rt.enter();
+    let (server, cert) = quic::server("127.0.0.1:0".parse().unwrap());
+    let server_addr = server.local_addr().unwrap();
+    let (hl, jl) = (LossyLink::new(srv.relay_addr(), loss, 13), LossyLink::new(srv.relay_addr(), loss, 17));
+    let t = Tunnels::start(&srv, vec![server_addr], hl.addr, jl.addr);
+    let target = t.local[0];
+    rt.spawn(quic::serve(server));
+    let states = rt.block_on(async move {
+        let mut states = vec![State::Connecting];
+        let ep = quic::client(cert);
+        let connecting = ep.connect(target, "localhost").unwrap();
+        states.push(State::Handshaking);
+        let conn = tokio::time::timeout(Duration::from_secs(20), connecting)
+            .await
+            .expect("handshake in time")
+            .unwrap();
+        states.push(State::Authenticating);
+        assert_eq!(quic::exchange(&conn, "Connect").await, "AuthGrant");
+        assert_eq!(quic::exchange(&conn, "AuthToken").await, "ServerAuthToken");
+        assert_eq!(quic::exchange(&conn, "Play").await, "PlayOk");
+        states.push(State::Play);
+        // Quiet for longer than the relay's idle timeout: the tunnels keep the session alive.
+        tokio::time::sleep(RELAY_IDLE + Duration::from_millis(1500)).await;
+        assert_eq!(quic::exchange(&conn, "Ping").await, "Pong");
+        states.push(State::Disconnecting);
+        conn.close(0u32.into(), b"bye");
+        tokio::time::timeout(Duration::from_secs(5), ep.wait_idle()).await.ok();
+        states.push(State::Disconnected);
+        states
+    });
+    assert_eq!(
+        states,
+        [
+            State::Connecting,
+            State::Handshaking,
+            State::Authenticating,
+            State::Play,
+            State::Disconnecting,
+            State::Disconnected
+        ]
+    );
+}
+
+#[test]
+fn quic_hytale_alpn_through_tunnels_clean() {
+    quic_through_tunnels(0);
+}
+
+#[test]
+fn quic_hytale_alpn_through_tunnels_with_5_percent_loss() {
+    quic_through_tunnels(5);
+}
