@@ -29,6 +29,10 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Run a full allocate → join code → join → bind → connect → relay round trip against an API.
     Demo(DemoArgs),
+    /// Carry any UDP game through Ferry: `tunnel host` next to a game server, `tunnel join CODE`
+    /// next to a game client.
+    #[command(subcommand)]
+    Tunnel(crate::client::tunnel::cli::TunnelCommand),
     /// Operate a running relay through its control socket: counters, releasing an allocation.
     Ctl(CtlArgs),
     /// Generate load against a Ferry deployment (or a baseline) and measure it.

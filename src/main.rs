@@ -111,6 +111,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Tunnel(cmd) => {
+            use ferry::client::tunnel::cli::{self, TunnelCommand};
+            let r = match &cmd {
+                TunnelCommand::Host(a) => cli::host(a),
+                TunnelCommand::Join(a) => cli::join(a),
+            };
+            match r {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("ferry tunnel: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ctl(args) => match ctl(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

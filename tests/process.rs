@@ -512,3 +512,45 @@ fn lifecycle_logs_can_be_sampled_and_turned_off() {
     let sampled = run(&["--log-lifecycle-sample", "50"]);
     assert!((1..=40).contains(&sampled), "about one in 50 of 500: {sampled}");
 }
+
+#[test]
+fn ferry_tunnel_host_and_join_on_the_command_line() {
+    let (relay, _) = start_with(&["--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0"], &[]).unwrap();
+    // A UDP echo "game server".
+    let game = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let game_addr = game.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        game.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 1500];
+        if let Ok((n, from)) = game.recv_from(&mut buf) {
+            let _ = game.send_to(&buf[..n], from);
+        }
+    });
+    let spawn = |args: &[&str]| {
+        Command::new(BIN).arg("tunnel").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let mut host = spawn(&["host", "--api", &relay.api, "--forward", &game_addr.to_string(), "--json"]);
+    let mut host_out = BufReader::new(host.stdout.take().unwrap()).lines();
+    let ready: serde_json::Value = serde_json::from_str(&host_out.next().unwrap().unwrap()).unwrap();
+    let code = ready["join_code"].as_str().unwrap().to_string();
+    let offset = (2000 + game_addr.port() as i32 % 5000 - game_addr.port() as i32).to_string();
+    let mut join = spawn(&["join", &code, "--api", &relay.api, "--port-offset", &offset, "--json"]);
+    let mut join_out = BufReader::new(join.stdout.take().unwrap()).lines();
+    let ready: serde_json::Value = serde_json::from_str(&join_out.next().unwrap().unwrap()).unwrap();
+    let local: std::net::SocketAddr = ready["listen"][0].as_str().unwrap().parse().unwrap();
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client.send_to(b"any game datagram", local).unwrap();
+    let mut buf = [0u8; 100];
+    let (n, _) = client.recv_from(&mut buf).expect("the echo came back through both tunnels");
+    assert_eq!(&buf[..n], b"any game datagram");
+    echo.join().unwrap();
+    // The host stops: the joiner says so and exits with code 3.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(host.id() as i32, libc::SIGINT) };
+    assert!(host.wait().unwrap().success());
+    let status = join.wait().unwrap();
+    assert_eq!(status.code(), Some(3));
+    let rest: Vec<String> = join_out.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("host_left")), "{rest:?}");
+}

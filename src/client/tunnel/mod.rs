@@ -20,6 +20,7 @@
 //! Both tunnels are objects other Rust programs can embed: build one with `open`, then call
 //! `run` on a thread with a [`TunnelControl`] to stop it or to move it to a new local port.
 
+pub mod cli;
 pub mod frame;
 mod host;
 mod join;
