@@ -8,12 +8,10 @@
 //! - [`core`]: the sans-IO shard state machine (no sockets, no clock);
 //! - [`io`]: datagram backends; [`shard`]: one event loop per thread around a core;
 //! - [`control`]: the allocation service, join codes, the HTTP API and the control socket;
-//! - [`client`]: the Rust SDK.
+//! - [`client`]: the Rust SDK and `ferry tunnel` (crate `ferry-client`); [`wire`], [`auth`] and
+//!   [`clock`] come from crate `ferry-proto`.
 
-pub mod auth;
 pub mod cli;
-pub mod client;
-pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;
@@ -27,4 +25,8 @@ pub mod serve;
 pub mod shard;
 pub mod steer;
 pub mod timer;
-pub mod wire;
+
+// The formats and the client side live in their own crates (`crates/proto`, `crates/client`),
+// which a game can use without the server; re-exported here under their familiar paths.
+pub use ferry_client as client;
+pub use ferry_proto::{auth, clock, wire};

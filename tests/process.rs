@@ -515,7 +515,8 @@ fn lifecycle_logs_can_be_sampled_and_turned_off() {
 
 #[test]
 fn ferry_tunnel_host_and_join_on_the_command_line() {
-    let (relay, _) = start_with(&["--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0"], &[]).unwrap();
+    let (relay, _) =
+        start_with(&["--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0"], &[]).unwrap();
     // A UDP echo "game server".
     let game = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let game_addr = game.local_addr().unwrap();
@@ -527,7 +528,13 @@ fn ferry_tunnel_host_and_join_on_the_command_line() {
         }
     });
     let spawn = |args: &[&str]| {
-        Command::new(BIN).arg("tunnel").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        Command::new(BIN)
+            .arg("tunnel")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let mut host = spawn(&["host", "--api", &relay.api, "--forward", &game_addr.to_string(), "--json"]);
     let mut host_out = BufReader::new(host.stdout.take().unwrap()).lines();

@@ -5,8 +5,9 @@ pub mod api;
 pub mod guard;
 pub mod http;
 pub mod joincode;
-pub mod model;
 pub mod ratelimit;
 pub mod relay;
 pub mod service;
 pub mod socket;
+
+pub use ferry_proto::model;

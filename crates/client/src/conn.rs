@@ -12,7 +12,7 @@ use base64::Engine as _;
 use super::packets;
 use crate::auth::AllocationKey;
 use crate::clock::{Clock, Millis};
-use crate::control::model::Allocation;
+use crate::model::Allocation;
 use crate::wire::{self, AllocationId, ErrorCode, ErrorMsg, MessageType, Pair, Relay};
 
 /// Timing of the client, defaults as Unity Transport.

@@ -6,11 +6,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::http;
-use crate::control::model::{
+use crate::model::{
     AllocateData, AllocateRequest, Envelope, JoinCodeData, JoinCodeRequest, JoinData, JoinRequest,
     RegionsData,
 };
-pub use crate::control::model::{Allocation, JoinAllocation, Problem, Region};
+pub use crate::model::{Allocation, JoinAllocation, Problem, Region};
 
 #[derive(Debug)]
 pub enum ApiError {

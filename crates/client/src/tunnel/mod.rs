@@ -82,8 +82,8 @@ pub enum TunnelEvent {
 /// Errors that end a tunnel.
 #[derive(Debug)]
 pub enum TunnelError {
-    Api(crate::client::ApiError),
-    Relay(crate::client::ClientError),
+    Api(crate::ApiError),
+    Relay(crate::ClientError),
     Io(std::io::Error),
     /// The host never answered JOIN with its forward list.
     NoHello,
@@ -110,14 +110,14 @@ impl From<std::io::Error> for TunnelError {
     }
 }
 
-impl From<crate::client::ClientError> for TunnelError {
-    fn from(e: crate::client::ClientError) -> Self {
+impl From<crate::ClientError> for TunnelError {
+    fn from(e: crate::ClientError) -> Self {
         Self::Relay(e)
     }
 }
 
-impl From<crate::client::ApiError> for TunnelError {
-    fn from(e: crate::client::ApiError) -> Self {
+impl From<crate::ApiError> for TunnelError {
+    fn from(e: crate::ApiError) -> Self {
         Self::Api(e)
     }
 }

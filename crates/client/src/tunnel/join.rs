@@ -10,9 +10,9 @@ use std::time::Duration;
 use super::frame::{self, Frame};
 use super::poller::{Poller, LOCAL_BASE, RELAY};
 use super::{Timing, TunnelControl, TunnelError, TunnelEvent};
-use crate::client::{ApiClient, ClientError, Incoming, RelayClient};
 use crate::clock::{Clock, Millis};
 use crate::wire::{AllocationId, ErrorCode};
+use crate::{ApiClient, ClientError, Incoming, RelayClient};
 
 /// How a join tunnel listens.
 #[derive(Clone, Debug)]

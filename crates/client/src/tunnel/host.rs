@@ -10,9 +10,9 @@ use std::time::Duration;
 use super::frame::{self, Frame};
 use super::poller::{Poller, LOCAL_BASE, RELAY};
 use super::{Timing, TunnelControl, TunnelError, TunnelEvent};
-use crate::client::{ApiClient, Incoming, RelayClient};
 use crate::clock::{Clock, Millis};
 use crate::wire::{AllocationId, ErrorCode};
+use crate::{ApiClient, Incoming, RelayClient};
 
 /// What a host tunnel serves.
 #[derive(Clone, Debug)]
@@ -149,7 +149,7 @@ impl HostTunnel {
                 Incoming::Error { code: ErrorCode::BoundElsewhere } => self.relay.send_bind()?,
                 Incoming::Error {
                     code: c @ (ErrorCode::AllocationNotFound | ErrorCode::AllocationTimedOut),
-                } => return Err(TunnelError::Relay(crate::client::ClientError::Relay(c))),
+                } => return Err(TunnelError::Relay(crate::ClientError::Relay(c))),
                 Incoming::Disconnect { from } => self.remove_player(from, "disconnected", ctl, events),
                 _ => {}
             }

@@ -6,7 +6,7 @@
 //! - [`packets`]: the raw datagrams, exactly as Unity Transport builds them.
 //!
 //! ```no_run
-//! use ferry::client::{ApiClient, RelayClient};
+//! use ferry_client::{ApiClient, RelayClient};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let api = ApiClient::new("http://127.0.0.1:7880");
 //! let host_alloc = api.allocate(4, None)?;
@@ -32,4 +32,7 @@ pub mod packets;
 pub mod tunnel;
 
 pub use api::{ApiClient, ApiError};
+
+// The formats, under the paths the SDK's modules use.
 pub use conn::{ClientError, ClientOptions, Incoming, RelayClient};
+pub use ferry_proto::{auth, clock, model, units, wire};

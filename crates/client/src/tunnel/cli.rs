@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use super::{HostConfig, HostTunnel, JoinConfig, JoinExit, JoinTunnel, Timing, TunnelControl, TunnelEvent};
-use crate::client::ApiClient;
+use crate::ApiClient;
 
 #[derive(Subcommand, Debug)]
 pub enum TunnelCommand {
@@ -29,7 +29,7 @@ pub struct CommonArgs {
     #[arg(long)]
     pub json: bool,
     /// Close a flow after this long without a datagram either way.
-    #[arg(long, default_value = "120s", value_parser = crate::config::parse_duration)]
+    #[arg(long, default_value = "120s", value_parser = crate::units::parse_duration)]
     pub flow_idle: Duration,
     /// Send to this relay address instead of the one the API names (a proxy in front of it).
     #[arg(long)]
