@@ -36,6 +36,9 @@ pub enum Target {
     Direct,
     /// A TURN server (coturn, turn-rs): Allocate, CreatePermission, ChannelBind, ChannelData.
     Turn,
+    /// A pair of `ferry tunnel`s: plain datagrams into the join tunnel's local port
+    /// (`--tunnel-listen`), received where the host tunnel forwards (`--tunnel-server`).
+    Tunnel,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -109,6 +112,12 @@ pub struct LoadArgs {
     /// Source sockets the flood is spread over (127.0.x.y addresses).
     #[arg(long, default_value_t = 64)]
     pub flood_sources: usize,
+    /// Tunnel target: the join tunnel's local port the generator sends to.
+    #[arg(long)]
+    pub tunnel_listen: Option<SocketAddr>,
+    /// Tunnel target: the address the host tunnel forwards to (the generator receives there).
+    #[arg(long)]
+    pub tunnel_server: Option<SocketAddr>,
     /// Send with UDP GSO (cheaper for the generator). Fair only against relays that do not
     /// enable UDP_GRO — Ferry, B1, coturn and turn-rs do not — since they then receive ordinary
     /// datagrams.
@@ -181,6 +190,11 @@ fn traffic(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
         Target::Direct => setup::direct(a.sessions, payload, &a.bind_ip)?,
         Target::Turn => {
             turn::streams(need_relay(a)?, &a.turn_user, &a.turn_pass, a.sessions, payload, &a.bind_ip)?
+        }
+        Target::Tunnel => {
+            let listen = a.tunnel_listen.ok_or("--tunnel-listen is required for --target tunnel")?;
+            let server = a.tunnel_server.ok_or("--tunnel-server is required for --target tunnel")?;
+            setup::tunnel(listen, server, &a.bind_ip)?
         }
     };
     let spec = engine::TrafficSpec {

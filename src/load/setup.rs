@@ -154,6 +154,14 @@ pub fn b1(relay: SocketAddr, sessions: usize, payload: usize, bind_ip: &str) -> 
     Ok(out)
 }
 
+/// Through a pair of tunnels: plain game datagrams (no relay header) into the join tunnel's
+/// local port; the receiver stands where the host tunnel forwards. One flow.
+pub fn tunnel(listen: SocketAddr, server: SocketAddr, bind_ip: &str) -> io::Result<Vec<Stream>> {
+    let rx = udp(&server.to_string())?;
+    let tx = udp(&format!("{bind_ip}:0"))?;
+    Ok(vec![Stream { tx, rx, dst: listen, header: Vec::new(), keepalive: None }])
+}
+
 /// B0: the generator's sockets talking to each other, same datagrams, no relay.
 pub fn direct(sessions: usize, payload: usize, bind_ip: &str) -> io::Result<Vec<Stream>> {
     (0..sessions)

@@ -41,6 +41,14 @@ impl Default for ClientOptions {
     }
 }
 
+/// A datagram from the relay as [`RelayClient::accept`] sees it: a RELAY to this allocation,
+/// borrowed, or anything else decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received<'a> {
+    Relay { from: AllocationId, payload: &'a [u8] },
+    Other(Incoming),
+}
+
 /// Something the relay sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Incoming {
@@ -90,6 +98,13 @@ impl From<io::Error> for ClientError {
     fn from(e: io::Error) -> Self {
         Self::Io(e)
     }
+}
+
+/// Socket buffers for bursts (the OS may grant less).
+pub(crate) fn grow_buffers(sock: &UdpSocket) {
+    let s = socket2::SockRef::from(sock);
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
 }
 
 fn b64(field: &str, s: &str) -> Result<Vec<u8>, ClientError> {
@@ -146,6 +161,7 @@ impl RelayClient {
             .parse()
             .map_err(|_| ClientError::BadAllocation("local address".into()))?;
         let sock = UdpSocket::bind(local)?;
+        grow_buffers(&sock);
         let clock = Clock::new();
         Ok(Self {
             sock,
@@ -216,6 +232,55 @@ impl RelayClient {
         }
     }
 
+    /// Decodes a datagram an event loop received on [`socket`](Self::socket) itself (e.g. in a
+    /// batch): `None` when it is not from the relay or not for this allocation. Counts as
+    /// hearing from the relay (for keep-alive).
+    pub fn accept<'a>(&mut self, from: SocketAddr, d: &'a [u8]) -> Option<Received<'a>> {
+        if from != self.relay {
+            return None;
+        }
+        let r = match wire::parse_header(d).ok()? {
+            MessageType::Relay => {
+                let r = Relay::new_checked(d).ok()?;
+                if r.to() != self.id {
+                    return None;
+                }
+                Received::Relay { from: r.from(), payload: &d[Relay::<&[u8]>::HEADER_LEN..] }
+            }
+            _ => {
+                let n = d.len().min(self.buf.len());
+                self.buf[..n].copy_from_slice(&d[..n]);
+                Received::Other(self.decode(n)?)
+            }
+        };
+        self.last_recv = self.clock.now();
+        Some(r)
+    }
+
+    /// Writes a whole RELAY datagram to `to` into `out`, its payload put there by `write`;
+    /// returns its length. For event loops that send batches themselves (then call
+    /// [`note_sent`](Self::note_sent)).
+    pub fn write_relay(
+        &self,
+        to: &AllocationId,
+        out: &mut [u8],
+        write: impl FnOnce(&mut [u8]) -> Option<usize>,
+    ) -> Option<usize> {
+        const HEADER: usize = Relay::<&[u8]>::HEADER_LEN;
+        let room = out.len().min(HEADER + 1434);
+        let n = write(out.get_mut(HEADER..room)?)?;
+        wire::write_header(out, MessageType::Relay);
+        out[4..20].copy_from_slice(&self.id.0);
+        out[20..36].copy_from_slice(&to.0);
+        out[36..38].copy_from_slice(&(n as u16).to_be_bytes());
+        Some(HEADER + n)
+    }
+
+    /// Records that the event loop sent something to the relay (keep-alive timing).
+    pub fn note_sent(&mut self) {
+        self.last_sent = self.clock.now();
+    }
+
     /// Sends a RELAY to `to` whose payload `write` puts into the buffer it is given (at most
     /// 1,434 bytes) and whose length it returns; no allocation per datagram. `Ok(false)` when
     /// `write` declined.
@@ -257,6 +322,7 @@ impl RelayClient {
             .parse()
             .map_err(|_| ClientError::BadAllocation("local address".into()))?;
         self.sock = UdpSocket::bind(local)?;
+        grow_buffers(&self.sock);
         self.sock.set_nonblocking(self.nonblocking)?;
         Ok(())
     }

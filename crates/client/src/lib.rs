@@ -34,5 +34,5 @@ pub mod tunnel;
 pub use api::{ApiClient, ApiError};
 
 // The formats, under the paths the SDK's modules use.
-pub use conn::{ClientError, ClientOptions, Incoming, RelayClient};
+pub use conn::{ClientError, ClientOptions, Incoming, Received, RelayClient};
 pub use ferry_proto::{auth, clock, model, units, wire};

@@ -7,12 +7,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::batch;
 use super::frame::{self, Frame};
 use super::poller::{Poller, LOCAL_BASE, RELAY};
-use super::{Timing, TunnelControl, TunnelError, TunnelEvent};
+use super::{flush_tx, recv_some, Io, Out, Timing, TunnelControl, TunnelError, TunnelEvent};
 use crate::clock::{Clock, Millis};
 use crate::wire::{AllocationId, ErrorCode};
-use crate::{ApiClient, Incoming, RelayClient};
+use crate::{ApiClient, Incoming, Received, RelayClient};
 
 /// What a host tunnel serves.
 #[derive(Clone, Debug)]
@@ -51,7 +52,6 @@ pub struct HostTunnel {
     players: HashMap<AllocationId, Player>,
     flows: Vec<Option<Flow>>,
     free: Vec<usize>,
-    buf: Vec<u8>,
 }
 
 impl HostTunnel {
@@ -79,7 +79,6 @@ impl HostTunnel {
             players: HashMap::new(),
             flows: Vec::new(),
             free: Vec::new(),
-            buf: vec![0u8; 2048],
         })
     }
 
@@ -98,6 +97,7 @@ impl HostTunnel {
         events: &mut dyn FnMut(TunnelEvent),
     ) -> Result<(), TunnelError> {
         let mut ready = Vec::new();
+        let mut io = Io::new();
         let mut last_ping = 0;
         let r = loop {
             if ctl.stopped() {
@@ -112,9 +112,9 @@ impl HostTunnel {
             self.poller.wait(Duration::from_millis(250), &mut ready)?;
             for t in &ready {
                 if *t == RELAY {
-                    self.drain_relay(ctl, events)?;
+                    self.drain_relay(&mut io, ctl, events)?;
                 } else {
-                    self.drain_local(t.0 - LOCAL_BASE, ctl, events)?;
+                    self.drain_local(t.0 - LOCAL_BASE, &mut io, ctl, events)?;
                 }
             }
             let now = self.clock.now();
@@ -140,27 +140,66 @@ impl HostTunnel {
 
     fn drain_relay(
         &mut self,
+        io: &mut Io,
         ctl: &TunnelControl,
         events: &mut dyn FnMut(TunnelEvent),
     ) -> Result<(), TunnelError> {
-        while let Some(m) = self.relay.poll_recv()? {
-            match m {
-                Incoming::Relay { from, payload } => self.on_frame(from, &payload, ctl, events)?,
-                Incoming::Error { code: ErrorCode::BoundElsewhere } => self.relay.send_bind()?,
-                Incoming::Error {
-                    code: c @ (ErrorCode::AllocationNotFound | ErrorCode::AllocationTimedOut),
-                } => return Err(TunnelError::Relay(crate::ClientError::Relay(c))),
-                Incoming::Disconnect { from } => self.remove_player(from, "disconnected", ctl, events),
-                _ => {}
+        let Io { rx, out, .. } = io;
+        loop {
+            let Some(sock) = self.poller.relay_socket() else { return Ok(()) };
+            let n = recv_some(sock, rx)?;
+            if n == 0 {
+                break;
+            }
+            for k in 0..n {
+                let (d, from) = rx.get(k);
+                let Some(from) = from else { continue };
+                match self.relay.accept(from, d) {
+                    Some(Received::Relay { from, payload }) => {
+                        self.on_frame(from, payload, out, ctl, events)?
+                    }
+                    Some(Received::Other(m)) => self.on_other(m, ctl, events)?,
+                    None => {}
+                }
             }
         }
+        self.flush_out(out, ctl);
         Ok(())
+    }
+
+    fn on_other(
+        &mut self,
+        m: Incoming,
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) -> Result<(), TunnelError> {
+        match m {
+            Incoming::Error { code: ErrorCode::BoundElsewhere } => self.relay.send_bind()?,
+            Incoming::Error { code: c @ (ErrorCode::AllocationNotFound | ErrorCode::AllocationTimedOut) } => {
+                return Err(TunnelError::Relay(crate::ClientError::Relay(c)))
+            }
+            Incoming::Disconnect { from } => self.remove_player(from, "disconnected", ctl, events),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Sends the game datagrams gathered for one flow's socket in one batch.
+    fn flush_out(&mut self, out: &mut Out, ctl: &TunnelControl) {
+        if let Some(fl) = out.to.and_then(|i| self.flows.get(i)).and_then(Option::as_ref) {
+            if let Ok(sent) = batch::send(&fl.sock, &out.batch) {
+                ctl.stats.from_relay.fetch_add(sent as u64, Ordering::Relaxed);
+            }
+        }
+        out.batch.clear();
+        out.to = None;
     }
 
     fn on_frame(
         &mut self,
         from: AllocationId,
         payload: &[u8],
+        out: &mut Out,
         ctl: &TunnelControl,
         events: &mut dyn FnMut(TunnelEvent),
     ) -> Result<(), TunnelError> {
@@ -193,11 +232,16 @@ impl HostTunnel {
                     Some(&i) => i,
                     None => self.open_flow(from, port, flow, target, ctl, events)?,
                 };
+                if out.to != Some(i) || out.batch.is_full() {
+                    self.flush_out(out, ctl);
+                }
                 if let Some(fl) = self.flows[i].as_mut() {
                     fl.last = now;
-                    if fl.sock.send(data).is_ok() {
-                        ctl.stats.from_relay.fetch_add(1, Ordering::Relaxed);
-                    }
+                    out.to = Some(i);
+                    out.batch.push(None, |b| {
+                        b.get_mut(..data.len())?.copy_from_slice(data);
+                        Some(data.len())
+                    });
                 }
             }
             Frame::Close { port, flow } => {
@@ -234,6 +278,7 @@ impl HostTunnel {
         };
         let std_sock = std::net::UdpSocket::bind(SocketAddr::new(local_ip, 0))?;
         std_sock.connect(target)?;
+        crate::conn::grow_buffers(&std_sock);
         std_sock.set_nonblocking(true)?;
         let local = std_sock.local_addr()?;
         let mut sock = mio::net::UdpSocket::from_std(std_sock);
@@ -255,35 +300,42 @@ impl HostTunnel {
     fn drain_local(
         &mut self,
         i: usize,
+        io: &mut Io,
         ctl: &TunnelControl,
         events: &mut dyn FnMut(TunnelEvent),
     ) -> Result<(), TunnelError> {
         let now = self.clock.now();
+        let relay_addr = self.relay.relay_addr();
         loop {
-            let Some(fl) = self.flows.get_mut(i).and_then(Option::as_mut) else { return Ok(()) };
-            let n = match fl.sock.recv(&mut self.buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                // The game server's port refused an earlier datagram (ICMP): not fatal.
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            fl.last = now;
-            if n > frame::MAX_GAME_DATAGRAM {
-                ctl.stats.oversize.fetch_add(1, Ordering::Relaxed);
-                if !fl.oversize_reported {
-                    fl.oversize_reported = true;
-                    events(TunnelEvent::Oversize { port: fl.port, flow: fl.flow, len: n });
-                }
-                continue;
+            let Some(fl) = self.flows.get_mut(i).and_then(Option::as_mut) else { break };
+            let n = recv_some(&fl.sock, &mut io.rx)?;
+            if n == 0 {
+                break;
             }
-            fl.seq = fl.seq.wrapping_add(1);
-            let (player, port, flow, seq) = (fl.player, fl.port, fl.flow, fl.seq);
-            let data = &self.buf[..n];
-            self.relay.send_with(&player, |out| frame::write_data(out, port, flow, seq, data))?;
-            ctl.stats.to_relay.fetch_add(1, Ordering::Relaxed);
+            fl.last = now;
+            for k in 0..n {
+                let (data, _) = io.rx.get(k);
+                if data.len() > frame::MAX_GAME_DATAGRAM {
+                    ctl.stats.oversize.fetch_add(1, Ordering::Relaxed);
+                    if !fl.oversize_reported {
+                        fl.oversize_reported = true;
+                        events(TunnelEvent::Oversize { port: fl.port, flow: fl.flow, len: data.len() });
+                    }
+                    continue;
+                }
+                fl.seq = fl.seq.wrapping_add(1);
+                let (player, port, flow, seq) = (fl.player, fl.port, fl.flow, fl.seq);
+                let relay = &self.relay;
+                io.tx.push(Some(relay_addr), |b| {
+                    relay.write_relay(&player, b, |p| frame::write_data(p, port, flow, seq, data))
+                });
+                if io.tx.is_full() {
+                    flush_tx(&mut io.tx, &self.poller, &mut self.relay, ctl)?;
+                }
+            }
         }
+        flush_tx(&mut io.tx, &self.poller, &mut self.relay, ctl)?;
+        Ok(())
     }
 
     fn close_flow(

@@ -7,12 +7,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::batch;
 use super::frame::{self, Frame};
 use super::poller::{Poller, LOCAL_BASE, RELAY};
-use super::{Timing, TunnelControl, TunnelError, TunnelEvent};
+use super::{flush_tx, recv_some, Io, Out, Timing, TunnelControl, TunnelError, TunnelEvent};
 use crate::clock::{Clock, Millis};
 use crate::wire::{AllocationId, ErrorCode};
-use crate::{ApiClient, ClientError, Incoming, RelayClient};
+use crate::{ApiClient, ClientError, Incoming, Received, RelayClient};
 
 /// How a join tunnel listens.
 #[derive(Clone, Debug)]
@@ -72,7 +73,6 @@ pub struct JoinTunnel {
     by_client: HashMap<(u8, SocketAddr), u32>,
     next_flow: u32,
     last_heard: Millis,
-    buf: Vec<u8>,
 }
 
 impl JoinTunnel {
@@ -122,6 +122,7 @@ impl JoinTunnel {
                     "cannot listen on {addr}: {e} (use --port-offset to move the local ports)"
                 ))
             })?;
+            crate::conn::grow_buffers(&std_sock);
             std_sock.set_nonblocking(true)?;
             let mut sock = mio::net::UdpSocket::from_std(std_sock);
             poller.register(&mut sock, i)?;
@@ -142,7 +143,6 @@ impl JoinTunnel {
             by_client: HashMap::new(),
             next_flow: 1,
             last_heard,
-            buf: vec![0u8; 2048],
         })
     }
 
@@ -173,6 +173,7 @@ impl JoinTunnel {
         events: &mut dyn FnMut(TunnelEvent),
     ) -> Result<JoinExit, TunnelError> {
         let mut ready = Vec::new();
+        let mut io = Io::new();
         let mut last_ping = 0;
         let exit = loop {
             if ctl.stopped() {
@@ -187,11 +188,11 @@ impl JoinTunnel {
             self.poller.wait(Duration::from_millis(250), &mut ready)?;
             for t in &ready {
                 if *t == RELAY {
-                    if let Some(exit) = self.drain_relay(ctl, events)? {
+                    if let Some(exit) = self.drain_relay(&mut io, ctl, events)? {
                         return self.finish(exit);
                     }
                 } else {
-                    self.drain_local(t.0 - LOCAL_BASE, ctl, events)?;
+                    self.drain_local(t.0 - LOCAL_BASE, &mut io, ctl, events)?;
                 }
             }
             let now = self.clock.now();
@@ -219,116 +220,174 @@ impl JoinTunnel {
 
     fn drain_relay(
         &mut self,
+        io: &mut Io,
         ctl: &TunnelControl,
         events: &mut dyn FnMut(TunnelEvent),
     ) -> Result<Option<JoinExit>, TunnelError> {
-        while let Some(m) = self.relay.poll_recv()? {
-            match m {
-                Incoming::Relay { from, payload } if from == self.host => {
-                    self.last_heard = self.clock.now();
-                    match Frame::parse(&payload) {
-                        Ok(Frame::Data { port, flow, payload: data, .. }) => {
-                            self.deliver(port, flow, data, ctl)
-                        }
-                        Ok(Frame::Close { flow, port }) => {
-                            if let Some(f) = self.flows.remove(&flow) {
-                                self.by_client.remove(&(f.port, f.client));
-                                ctl.stats.flows_closed.fetch_add(1, Ordering::Relaxed);
-                                events(TunnelEvent::FlowClosed {
-                                    player: None,
-                                    port,
-                                    flow,
-                                    reason: "closed by the host",
-                                });
-                            }
-                        }
-                        Ok(Frame::Ping { id, sent_us }) => {
-                            self.relay.send(&self.host, &Frame::Pong { id, sent_us }.to_vec())?;
-                        }
-                        Ok(Frame::Pong { sent_us, .. }) => {
-                            let micros = (self.clock.nanos() / 1000).saturating_sub(sent_us);
-                            events(TunnelEvent::Rtt { peer: self.host, micros });
-                        }
-                        Ok(Frame::Bye) => return Ok(Some(JoinExit::HostLeft)),
-                        Ok(Frame::Hello { .. } | Frame::Join) => {}
-                        Err(_) => {
-                            ctl.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                        }
+        let Io { rx, out, .. } = io;
+        let mut exit = None;
+        'batches: loop {
+            let Some(sock) = self.poller.relay_socket() else { break };
+            let n = recv_some(sock, rx)?;
+            if n == 0 {
+                break;
+            }
+            for k in 0..n {
+                let (d, from) = rx.get(k);
+                let Some(from) = from else { continue };
+                exit = match self.relay.accept(from, d) {
+                    Some(Received::Relay { from, payload }) if from == self.host => {
+                        self.on_frame(payload, out, ctl, events)?
                     }
+                    Some(Received::Other(m)) => self.on_other(m)?,
+                    _ => None,
+                };
+                if exit.is_some() {
+                    break 'batches;
                 }
-                Incoming::Disconnect { from } if from == self.host => return Ok(Some(JoinExit::HostLeft)),
-                Incoming::Error { code: ErrorCode::BoundElsewhere } => self.relay.send_bind()?,
-                // The session is gone at the relay (the host closed or timed out, and took this
-                // joiner's allocation with it).
-                Incoming::Error { code: ErrorCode::AllocationNotFound | ErrorCode::AllocationTimedOut } => {
-                    return Ok(Some(JoinExit::HostLeft))
+            }
+        }
+        self.flush_out(out, ctl);
+        Ok(exit)
+    }
+
+    fn on_other(&mut self, m: Incoming) -> Result<Option<JoinExit>, TunnelError> {
+        match m {
+            Incoming::Disconnect { from } if from == self.host => return Ok(Some(JoinExit::HostLeft)),
+            Incoming::Error { code: ErrorCode::BoundElsewhere } => self.relay.send_bind()?,
+            // The session is gone at the relay (the host closed or timed out, and took this
+            // joiner's allocation with it).
+            Incoming::Error { code: ErrorCode::AllocationNotFound | ErrorCode::AllocationTimedOut } => {
+                return Ok(Some(JoinExit::HostLeft))
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    fn on_frame(
+        &mut self,
+        payload: &[u8],
+        out: &mut Out,
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) -> Result<Option<JoinExit>, TunnelError> {
+        self.last_heard = self.clock.now();
+        match Frame::parse(payload) {
+            Ok(Frame::Data { port, flow, payload: data, .. }) => self.deliver(port, flow, data, out, ctl),
+            Ok(Frame::Close { flow, port }) => {
+                if let Some(f) = self.flows.remove(&flow) {
+                    self.by_client.remove(&(f.port, f.client));
+                    ctl.stats.flows_closed.fetch_add(1, Ordering::Relaxed);
+                    events(TunnelEvent::FlowClosed {
+                        player: None,
+                        port,
+                        flow,
+                        reason: "closed by the host",
+                    });
                 }
-                _ => {}
+            }
+            Ok(Frame::Ping { id, sent_us }) => {
+                self.relay.send(&self.host, &Frame::Pong { id, sent_us }.to_vec())?;
+            }
+            Ok(Frame::Pong { sent_us, .. }) => {
+                let micros = (self.clock.nanos() / 1000).saturating_sub(sent_us);
+                events(TunnelEvent::Rtt { peer: self.host, micros });
+            }
+            Ok(Frame::Bye) => return Ok(Some(JoinExit::HostLeft)),
+            Ok(Frame::Hello { .. } | Frame::Join) => {}
+            Err(_) => {
+                ctl.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(None)
     }
 
-    fn deliver(&mut self, port: u8, flow: u32, data: &[u8], ctl: &TunnelControl) {
+    fn deliver(&mut self, port: u8, flow: u32, data: &[u8], out: &mut Out, ctl: &TunnelControl) {
         let Some(f) = self.flows.get_mut(&flow).filter(|f| f.port == port) else {
             ctl.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             return;
         };
         f.last = self.clock.now();
-        if let Some(l) = self.listeners.get(port as usize) {
-            if l.send_to(data, f.client).is_ok() {
-                ctl.stats.from_relay.fetch_add(1, Ordering::Relaxed);
+        let client = f.client;
+        if out.to != Some(port as usize) || out.batch.is_full() {
+            self.flush_out(out, ctl);
+        }
+        out.to = Some(port as usize);
+        out.batch.push(Some(client), |b| {
+            b.get_mut(..data.len())?.copy_from_slice(data);
+            Some(data.len())
+        });
+    }
+
+    /// Sends the game datagrams gathered for one listening socket in one batch.
+    fn flush_out(&mut self, out: &mut Out, ctl: &TunnelControl) {
+        if let Some(l) = out.to.and_then(|p| self.listeners.get(p)) {
+            if let Ok(sent) = batch::send(l, &out.batch) {
+                ctl.stats.from_relay.fetch_add(sent as u64, Ordering::Relaxed);
             }
         }
+        out.batch.clear();
+        out.to = None;
     }
 
     fn drain_local(
         &mut self,
         port: usize,
+        io: &mut Io,
         ctl: &TunnelControl,
         events: &mut dyn FnMut(TunnelEvent),
     ) -> Result<(), TunnelError> {
         let now = self.clock.now();
+        let relay_addr = self.relay.relay_addr();
+        let port8 = port as u8;
         loop {
-            let Some(l) = self.listeners.get(port) else { return Ok(()) };
-            let (n, client) = match l.recv_from(&mut self.buf) {
-                Ok(r) => r,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let port8 = port as u8;
-            let flow = match self.by_client.get(&(port8, client)) {
-                Some(&f) => f,
-                None => {
-                    let f = self.next_flow;
-                    self.next_flow = self.next_flow.wrapping_add(1).max(1);
-                    self.by_client.insert((port8, client), f);
-                    self.flows
-                        .insert(f, Flow { port: port8, client, last: now, seq: 0, oversize_reported: false });
-                    ctl.stats.flows_opened.fetch_add(1, Ordering::Relaxed);
-                    events(TunnelEvent::FlowOpened { player: None, port: port8, flow: f, local: client });
-                    f
-                }
-            };
-            let Some(fl) = self.flows.get_mut(&flow) else { continue };
-            fl.last = now;
-            if n > frame::MAX_GAME_DATAGRAM {
-                ctl.stats.oversize.fetch_add(1, Ordering::Relaxed);
-                if !fl.oversize_reported {
-                    fl.oversize_reported = true;
-                    events(TunnelEvent::Oversize { port: port8, flow, len: n });
-                }
-                continue;
+            let Some(l) = self.listeners.get(port) else { break };
+            let n = recv_some(l, &mut io.rx)?;
+            if n == 0 {
+                break;
             }
-            fl.seq = fl.seq.wrapping_add(1);
-            let seq = fl.seq;
-            let data = &self.buf[..n];
-            let host = self.host;
-            self.relay.send_with(&host, |out| frame::write_data(out, port8, flow, seq, data))?;
-            ctl.stats.to_relay.fetch_add(1, Ordering::Relaxed);
+            for k in 0..n {
+                let (data, client) = io.rx.get(k);
+                let Some(client) = client else { continue };
+                let flow = match self.by_client.get(&(port8, client)) {
+                    Some(&f) => f,
+                    None => {
+                        let f = self.next_flow;
+                        self.next_flow = self.next_flow.wrapping_add(1).max(1);
+                        self.by_client.insert((port8, client), f);
+                        self.flows.insert(
+                            f,
+                            Flow { port: port8, client, last: now, seq: 0, oversize_reported: false },
+                        );
+                        ctl.stats.flows_opened.fetch_add(1, Ordering::Relaxed);
+                        events(TunnelEvent::FlowOpened { player: None, port: port8, flow: f, local: client });
+                        f
+                    }
+                };
+                let Some(fl) = self.flows.get_mut(&flow) else { continue };
+                fl.last = now;
+                if data.len() > frame::MAX_GAME_DATAGRAM {
+                    ctl.stats.oversize.fetch_add(1, Ordering::Relaxed);
+                    if !fl.oversize_reported {
+                        fl.oversize_reported = true;
+                        events(TunnelEvent::Oversize { port: port8, flow, len: data.len() });
+                    }
+                    continue;
+                }
+                fl.seq = fl.seq.wrapping_add(1);
+                let (seq, host) = (fl.seq, self.host);
+                let relay = &self.relay;
+                io.tx.push(Some(relay_addr), |b| {
+                    relay.write_relay(&host, b, |p| frame::write_data(p, port8, flow, seq, data))
+                });
+                if io.tx.is_full() {
+                    flush_tx(&mut io.tx, &self.poller, &mut self.relay, ctl)?;
+                }
+            }
         }
+        flush_tx(&mut io.tx, &self.poller, &mut self.relay, ctl)?;
+        Ok(())
     }
 
     fn expire(&mut self, now: Millis, ctl: &TunnelControl, events: &mut dyn FnMut(TunnelEvent)) {

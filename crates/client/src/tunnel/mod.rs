@@ -20,6 +20,7 @@
 //! Both tunnels are objects other Rust programs can embed: build one with `open`, then call
 //! `run` on a thread with a [`TunnelControl`] to stop it or to move it to a new local port.
 
+mod batch;
 pub mod cli;
 pub mod frame;
 mod host;
@@ -173,6 +174,69 @@ impl TunnelControl {
     fn take_migrate(&self) -> bool {
         self.migrate.swap(false, Ordering::Relaxed)
     }
+}
+
+/// Game datagrams gathered for one local destination (a host flow's socket, or a joiner's
+/// listening socket), sent in one batch.
+struct Out {
+    batch: batch::SendBatch,
+    to: Option<usize>,
+}
+
+/// The batches an event loop turn works with, kept apart from the tunnel's state so that a
+/// received batch can be read while the tunnel changes.
+struct Io {
+    rx: batch::RecvBatch,
+    /// Frames toward the relay.
+    tx: batch::SendBatch,
+    out: Out,
+}
+
+impl Io {
+    fn new() -> Self {
+        Self {
+            rx: batch::RecvBatch::new(),
+            tx: batch::SendBatch::new(),
+            out: Out { batch: batch::SendBatch::new(), to: None },
+        }
+    }
+}
+
+/// Receives one batch from `sock`: `Ok(0)` when nothing is waiting (transient errors included).
+fn recv_some(sock: &mio::net::UdpSocket, rx: &mut batch::RecvBatch) -> std::io::Result<usize> {
+    match batch::recv(sock, rx) {
+        Ok(n) => Ok(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(0)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends the frames gathered for the relay in one batch.
+fn flush_tx(
+    tx: &mut batch::SendBatch,
+    poller: &poller::Poller,
+    relay: &mut crate::RelayClient,
+    ctl: &TunnelControl,
+) -> std::io::Result<()> {
+    if tx.is_empty() {
+        return Ok(());
+    }
+    if let Some(s) = poller.relay_socket() {
+        let sent = batch::send(s, tx)?;
+        ctl.stats.to_relay.fetch_add(sent as u64, Ordering::Relaxed);
+        relay.note_sent();
+    }
+    tx.clear();
+    Ok(())
 }
 
 /// Timings shared by both tunnels.

@@ -37,6 +37,11 @@ impl Poller {
         Ok(())
     }
 
+    /// The relay socket's registered handle (the same socket as the relay client's).
+    pub fn relay_socket(&self) -> Option<&mio::net::UdpSocket> {
+        self.relay.as_ref()
+    }
+
     pub fn register(&self, sock: &mut mio::net::UdpSocket, index: usize) -> io::Result<()> {
         self.poll.registry().register(sock, Token(LOCAL_BASE + index), Interest::READABLE)
     }
