@@ -306,8 +306,7 @@ impl HostTunnel {
     ) -> Result<(), TunnelError> {
         let now = self.clock.now();
         let relay_addr = self.relay.relay_addr();
-        loop {
-            let Some(fl) = self.flows.get_mut(i).and_then(Option::as_mut) else { break };
+        while let Some(fl) = self.flows.get_mut(i).and_then(Option::as_mut) {
             let n = recv_some(&fl.sock, &mut io.rx)?;
             if n == 0 {
                 break;

@@ -226,8 +226,7 @@ impl JoinTunnel {
     ) -> Result<Option<JoinExit>, TunnelError> {
         let Io { rx, out, .. } = io;
         let mut exit = None;
-        'batches: loop {
-            let Some(sock) = self.poller.relay_socket() else { break };
+        'batches: while let Some(sock) = self.poller.relay_socket() {
             let n = recv_some(sock, rx)?;
             if n == 0 {
                 break;
@@ -341,8 +340,7 @@ impl JoinTunnel {
         let now = self.clock.now();
         let relay_addr = self.relay.relay_addr();
         let port8 = port as u8;
-        loop {
-            let Some(l) = self.listeners.get(port) else { break };
+        while let Some(l) = self.listeners.get(port) {
             let n = recv_some(l, &mut io.rx)?;
             if n == 0 {
                 break;
