@@ -61,6 +61,17 @@ fn req_too_small(
     parsed.as_ref().is_ok_and(|r| r.response_len(src) as f64 > crate::core::MAX_AMPLIFICATION * len as f64)
 }
 
+/// The tunnel's frames over arbitrary bytes: no panic, and what parses re-writes to the same
+/// bytes (DATA too, through `write_data`).
+pub fn tunnel_frame(data: &[u8]) {
+    use crate::client::tunnel::frame::{self, Frame};
+    if let Ok(f) = Frame::parse(data) {
+        let mut out = vec![0u8; frame::MAX_RELAY_PAYLOAD + 64];
+        let n = f.write(&mut out).expect("a parsed frame re-writes");
+        assert_eq!(&out[..n], data);
+    }
+}
+
 /// Every view over arbitrary bytes: no panic, and what parses re-emits to the same bytes.
 pub fn wire_views(data: &[u8]) {
     let _ = wire::parse_header(data);

@@ -64,6 +64,14 @@ proptest! {
     }
 
     #[test]
+    fn tunnel_frame(kind in 0u8..9, body in prop::collection::vec(any::<u8>(), 0..64), raw in prop::collection::vec(any::<u8>(), 0..64)) {
+        let mut d = vec![0xF7, 1, kind];
+        d.extend_from_slice(&body);
+        harness::tunnel_frame(&d);
+        harness::tunnel_frame(&raw);
+    }
+
+    #[test]
     fn core_sequence(data in prop::collection::vec(any::<u8>(), 0..1500)) {
         harness::core_sequence(&data);
     }

@@ -98,3 +98,17 @@ fn a_stun_flood_from_one_source_is_rate_limited() {
     assert!((20..=40).contains(&got), "a burst of 20 per source, then 10/s per shard's bucket: {got}");
     assert!(srv.metric("ferry_stun_requests_total{result=\"rate_limited\"}") >= 150);
 }
+
+#[test]
+fn the_third_party_client_retries_through_5_percent_loss() {
+    let srv = Server::start(|_| {});
+    let link = support::LossyLink::new(srv.relay_addr(), 5, 23);
+    for _ in 0..10 {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut c = stunclient::StunClient::new(link.addr);
+        c.set_timeout(Duration::from_secs(5));
+        let mapped = c.query_external_address(&sock).expect("answered despite loss");
+        // Through the link the relay sees the link's own socket: a loopback source.
+        assert!(mapped.ip().is_loopback() && mapped.port() != 0, "{mapped}");
+    }
+}

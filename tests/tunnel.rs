@@ -267,3 +267,32 @@ fn oversize_game_datagrams_are_dropped_counted_and_reported_once() {
         t.events.lock().unwrap().iter().filter(|e| matches!(e, TunnelEvent::Oversize { .. })).count();
     assert_eq!(reports, 1);
 }
+
+#[test]
+fn a_joiner_that_leaves_frees_its_sockets_on_the_host() {
+    let srv = Server::start(|_| {});
+    let game = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut t = Tunnels::start(&srv, vec![game.local_addr().unwrap()], srv.relay_addr(), srv.relay_addr());
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.send_to(b"hello", t.local[0]).unwrap();
+    game.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = [0u8; 64];
+    let (_, host_side) = game.recv_from(&mut buf).unwrap();
+    t.join_ctl.stop();
+    assert_eq!(t.join.take().unwrap().join().unwrap(), Ok(JoinExit::Stopped));
+    let mut freed = false;
+    for _ in 0..50 {
+        let ev = t.events.lock().unwrap().clone();
+        if ev.iter().any(|e| matches!(e, TunnelEvent::PlayerLeft { reason: "left", .. }))
+            && ev.iter().any(|e| matches!(e, TunnelEvent::FlowClosed { player: Some(_), .. }))
+        {
+            freed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(freed, "the host saw the BYE and closed the player's flow");
+    assert_eq!(t.host_ctl.stats.flows_closed.load(Ordering::Relaxed), 1);
+    // The flow's socket is gone: the game server's reply to it is refused by the host's kernel.
+    game.send_to(b"anyone?", host_side).unwrap();
+}
