@@ -98,6 +98,10 @@ fn bool_arg(s: &str) -> Result<bool, String> {
     parse_bool(s)
 }
 
+fn jwt_alg_arg(s: &str) -> Result<jsonwebtoken::Algorithm, String> {
+    crate::config::parse_jwt_algorithm(s)
+}
+
 fn log_format_arg(s: &str) -> Result<LogFormat, String> {
     match s {
         "text" => Ok(LogFormat::Text),
@@ -229,6 +233,48 @@ pub struct ServeArgs {
     /// Requests refused with 401 per minute per client IP before 429 [default: 30].
     #[arg(long, env = "FERRY_AUTH_FAILURES_PER_IP_PER_MIN")]
     pub auth_failures_per_ip_per_min: Option<u32>,
+    /// JWT algorithm for player tokens: HS256, HS512, RS256, ES256 or EdDSA [default: JWT off].
+    #[arg(long, env = "FERRY_JWT_ALGORITHM", value_parser = jwt_alg_arg)]
+    pub jwt_algorithm: Option<jsonwebtoken::Algorithm>,
+    /// File holding the HS256/HS512 shared secret (32+ bytes).
+    #[arg(long, env = "FERRY_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key for RS256/ES256/EdDSA.
+    #[arg(long, env = "FERRY_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// JWKS file with the verification keys.
+    #[arg(long, env = "FERRY_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// JWKS URL (http://), fetched at start-up, every 5 minutes and on an unknown kid.
+    #[arg(long, env = "FERRY_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// Required `iss` claim.
+    #[arg(long, env = "FERRY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "FERRY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock leeway for `exp`/`nbf` [default: 30s].
+    #[arg(long, env = "FERRY_JWT_LEEWAY", value_parser = duration_arg)]
+    pub jwt_leeway: Option<Duration>,
+    /// Claim naming the caller's project [default: project_id].
+    #[arg(long, env = "FERRY_JWT_PROJECT_CLAIM")]
+    pub jwt_project_claim: Option<String>,
+    /// Claim naming the caller's environment [default: environment_id].
+    #[arg(long, env = "FERRY_JWT_ENVIRONMENT_CLAIM")]
+    pub jwt_environment_claim: Option<String>,
+    /// Allow anonymous API clients on a non-loopback listener [default: false].
+    #[arg(long, env = "FERRY_API_ANONYMOUS", value_parser = bool_arg)]
+    pub api_anonymous: Option<bool>,
+    /// Tenants (project/environment) with their own metric labels, comma separated or repeated.
+    #[arg(long = "tenant", env = "FERRY_TENANTS", value_delimiter = ',')]
+    pub tenants: Option<Vec<String>>,
+    /// Live host allocations per tenant, 0 for no limit [default: 0].
+    #[arg(long, env = "FERRY_TENANT_MAX_ALLOCATIONS")]
+    pub tenant_max_allocations: Option<u32>,
+    /// New allocations per second per tenant, 0 for no limit [default: 0].
+    #[arg(long, env = "FERRY_TENANT_ALLOCATIONS_PER_SEC")]
+    pub tenant_allocations_per_sec: Option<u32>,
     /// Most control-socket connections open at once [default: 64].
     #[arg(long, env = "FERRY_CONTROL_MAX_CONNECTIONS")]
     pub control_max_connections: Option<usize>,
@@ -312,6 +358,20 @@ struct FileConfig {
     join_failures_per_token_per_min: Option<u32>,
     auth_failures_per_ip_per_min: Option<u32>,
     control_max_connections: Option<usize>,
+    jwt_algorithm: Option<String>,
+    jwt_secret_file: Option<PathBuf>,
+    jwt_public_key_file: Option<PathBuf>,
+    jwt_jwks_file: Option<PathBuf>,
+    jwt_jwks_url: Option<String>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
+    jwt_leeway: Option<FileDuration>,
+    jwt_project_claim: Option<String>,
+    jwt_environment_claim: Option<String>,
+    api_anonymous: Option<FileBool>,
+    tenants: Option<Vec<String>>,
+    tenant_max_allocations: Option<u32>,
+    tenant_allocations_per_sec: Option<u32>,
     log_lifecycle: Option<LifecycleLog>,
     log_lifecycle_sample: Option<u32>,
     api_header_timeout: Option<FileDuration>,
@@ -383,14 +443,32 @@ impl ServeArgs {
             auth_failures_per_ip_per_min,
             control_max_connections,
             log_lifecycle,
-            log_lifecycle_sample
+            log_lifecycle_sample,
+            jwt_project_claim,
+            jwt_environment_claim,
+            tenants,
+            tenant_max_allocations,
+            tenant_allocations_per_sec
         );
+        c.jwt_secret_file = self.jwt_secret_file.or(file.jwt_secret_file);
+        c.jwt_public_key_file = self.jwt_public_key_file.or(file.jwt_public_key_file);
+        c.jwt_jwks_file = self.jwt_jwks_file.or(file.jwt_jwks_file);
+        c.jwt_jwks_url = self.jwt_jwks_url.or(file.jwt_jwks_url);
+        c.jwt_issuer = self.jwt_issuer.or(file.jwt_issuer);
+        c.jwt_audience = self.jwt_audience.or(file.jwt_audience);
+        c.jwt_algorithm = match (self.jwt_algorithm, file.jwt_algorithm) {
+            (Some(a), _) => Some(a),
+            (None, Some(s)) => {
+                Some(crate::config::parse_jwt_algorithm(&s).map_err(|m| err("jwt_algorithm", m))?)
+            }
+            (None, None) => None,
+        };
         macro_rules! merge_bool {
             ($($f:ident),*) => { $(
                 if let Some(v) = self.$f.or(file_bool(stringify!($f), file.$f)?) { c.$f = v; }
             )* };
         }
-        merge_bool!(pin_shards, kernel_steering, gso, stun);
+        merge_bool!(pin_shards, kernel_steering, gso, stun, api_anonymous);
         c.api_max_connections = self.api_max_connections.or(file.api_max_connections);
         c.advertise_ipv4 = self.advertise_ipv4.or(file.advertise_ipv4);
         if let Some(v) = self.trusted_proxies {
@@ -423,7 +501,8 @@ impl ServeArgs {
             rebind_quiet,
             drain_timeout,
             api_header_timeout,
-            api_body_timeout
+            api_body_timeout,
+            jwt_leeway
         );
         c.control_socket = self.control_socket.or(file.control_socket);
         c.control_listen = self.control_listen.or(file.control_listen);

@@ -46,6 +46,19 @@ impl std::str::FromStr for LifecycleLog {
     }
 }
 
+/// Parses a JWT algorithm name (the ones Ferry accepts).
+pub fn parse_jwt_algorithm(s: &str) -> Result<jsonwebtoken::Algorithm, String> {
+    use jsonwebtoken::Algorithm as A;
+    match s.trim() {
+        "HS256" => Ok(A::HS256),
+        "HS512" => Ok(A::HS512),
+        "RS256" => Ok(A::RS256),
+        "ES256" => Ok(A::ES256),
+        "EdDSA" => Ok(A::EdDSA),
+        other => Err(format!("`{other}` is not one of HS256, HS512, RS256, ES256, EdDSA")),
+    }
+}
+
 /// Parses a boolean the way operators write them: `true/false`, `1/0`, `yes/no`, `on/off`
 /// (any case).
 pub fn parse_bool(s: &str) -> Result<bool, String> {
@@ -115,6 +128,25 @@ pub struct Config {
     pub join_failures_per_token_per_min: u32,
     /// Requests refused with 401 per minute per client IP before further ones get 429.
     pub auth_failures_per_ip_per_min: u32,
+    /// Player tokens (JWT): the algorithm accepted (none: JWT off) and where its keys come from.
+    pub jwt_algorithm: Option<jsonwebtoken::Algorithm>,
+    pub jwt_secret_file: Option<PathBuf>,
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub jwt_jwks_file: Option<PathBuf>,
+    pub jwt_jwks_url: Option<String>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub jwt_leeway: Duration,
+    pub jwt_project_claim: String,
+    pub jwt_environment_claim: String,
+    /// Allow anonymous API clients on a non-loopback listener (LAN parties, development).
+    pub api_anonymous: bool,
+    /// Tenants (`project/environment`) that get their own metric labels; others count as "other".
+    pub tenants: Vec<String>,
+    /// Live host allocations per tenant (0: no limit).
+    pub tenant_max_allocations: u32,
+    /// New allocations per second per tenant (0: no limit).
+    pub tenant_allocations_per_sec: u32,
     /// Most control-socket connections open at once (Unix and TCP each).
     pub control_max_connections: usize,
     /// Level of allocation lifecycle log events.
@@ -189,6 +221,20 @@ impl Config {
             join_failures_per_token_per_min: 120,
             auth_failures_per_ip_per_min: 30,
             control_max_connections: 64,
+            jwt_algorithm: None,
+            jwt_secret_file: None,
+            jwt_public_key_file: None,
+            jwt_jwks_file: None,
+            jwt_jwks_url: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway: Duration::from_secs(30),
+            jwt_project_claim: "project_id".into(),
+            jwt_environment_claim: "environment_id".into(),
+            api_anonymous: false,
+            tenants: Vec::new(),
+            tenant_max_allocations: 0,
+            tenant_allocations_per_sec: 0,
             log_lifecycle: LifecycleLog::Info,
             log_lifecycle_sample: 1,
             api_header_timeout: Duration::from_secs(5),
@@ -240,16 +286,29 @@ impl Config {
         if self.region.is_empty() || self.region.len() > 64 {
             return Err(err("region", "must be 1 to 64 characters"));
         }
-        if self.api_tokens.iter().any(|t| t.len() < 16) {
+        if self.api_tokens.iter().any(|t| crate::control::jwt::split_static_token(t).0.len() < 16) {
             return Err(err("api_tokens", "each token must be at least 16 characters"));
         }
-        if self.api_tokens.is_empty() && !self.api_listen.ip().is_loopback() {
+        let authenticated = !self.api_tokens.is_empty() || self.jwt_algorithm.is_some();
+        if !authenticated && !self.api_anonymous && !self.api_listen.ip().is_loopback() {
             return Err(err(
                 "api_listen",
                 format!(
-                    "{} is not a loopback address and no api_tokens are set; anonymous access is only allowed on loopback",
+                    "{} is not a loopback address and neither api_tokens nor jwt_algorithm is set; set one, or \
+                     api_anonymous = true to allow anonymous clients on purpose",
                     self.api_listen
                 ),
+            ));
+        }
+        if self.jwt_algorithm.is_none()
+            && (self.jwt_secret_file.is_some()
+                || self.jwt_public_key_file.is_some()
+                || self.jwt_jwks_file.is_some()
+                || self.jwt_jwks_url.is_some())
+        {
+            return Err(err(
+                "jwt_algorithm",
+                "required when JWT keys are configured (HS256, HS512, RS256, ES256 or EdDSA)",
             ));
         }
         if let Some(addr) = self.control_listen {

@@ -181,3 +181,18 @@ pub fn render_control(c: &ControlPlane) -> String {
     let _ = writeln!(o, "ferry_log_output_stalled {}", c.log_output_stalled as u8);
     o
 }
+
+/// Per-tenant counters: `(label, live host allocations, allocations created)`. Labels are the
+/// configured tenants, `default` and `other`, so their number stays bounded.
+pub fn render_tenants(rows: &[(String, u64, u64)]) -> String {
+    let mut o = String::new();
+    family(&mut o, "ferry_tenant_host_allocations_active", "gauge", "Live host allocations per tenant.");
+    for (t, live, _) in rows {
+        let _ = writeln!(o, "ferry_tenant_host_allocations_active{{tenant=\"{t}\"}} {live}");
+    }
+    family(&mut o, "ferry_tenant_allocations_total", "counter", "Host allocations created per tenant.");
+    for (t, _, created) in rows {
+        let _ = writeln!(o, "ferry_tenant_allocations_total{{tenant=\"{t}\"}} {created}");
+    }
+    o
+}

@@ -186,6 +186,9 @@ impl Running {
                 max_connections_cap: cfg.max_connections_cap,
                 log_lifecycle: cfg.log_lifecycle,
                 log_lifecycle_sample: cfg.log_lifecycle_sample,
+                tenant_max_allocations: cfg.tenant_max_allocations,
+                tenant_allocations_per_sec: cfg.tenant_allocations_per_sec,
+                tenants: cfg.tenants.iter().map(|t| crate::control::jwt::Tenant::parse(t)).collect(),
             },
         );
         let mut tasks = Vec::new();
@@ -228,7 +231,61 @@ impl Running {
             }));
         }
 
+        let jwt = match cfg.jwt_algorithm {
+            None => None,
+            Some(algorithm) => {
+                let settings = crate::control::jwt::JwtSettings {
+                    algorithm,
+                    secret_file: cfg.jwt_secret_file.clone(),
+                    public_key_file: cfg.jwt_public_key_file.clone(),
+                    jwks_file: cfg.jwt_jwks_file.clone(),
+                    jwks_url: cfg.jwt_jwks_url.clone(),
+                    issuer: cfg.jwt_issuer.clone(),
+                    audience: cfg.jwt_audience.clone(),
+                    leeway_secs: cfg.jwt_leeway.as_secs(),
+                    project_claim: cfg.jwt_project_claim.clone(),
+                    environment_claim: cfg.jwt_environment_claim.clone(),
+                };
+                let v = tokio::task::spawn_blocking(move || {
+                    crate::control::jwt::JwtVerifier::new(settings, clock)
+                })
+                .await
+                .map_err(io::Error::other)?
+                .map_err(|(key, msg)| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("invalid configuration `{key}`: {msg}"),
+                    )
+                })?;
+                if cfg.jwt_jwks_url.is_some() {
+                    let r = v.clone();
+                    tasks.push(tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_secs(300)).await;
+                            let r = r.clone();
+                            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || r.refresh(true)).await {
+                                tracing::warn!(error = %e, "JWKS refresh failed; keeping the keys already loaded");
+                            }
+                        }
+                    }));
+                }
+                Some(v)
+            }
+        };
+        let anonymous = cfg.api_anonymous || (cfg.api_tokens.is_empty() && jwt.is_none());
+        let auth_mode = match (cfg.api_tokens.is_empty(), &jwt, anonymous) {
+            (true, None, _) => "anonymous".to_string(),
+            (false, None, a) => format!("static tokens{}", if a { " + anonymous" } else { "" }),
+            (t, Some(v), a) => format!(
+                "JWT {:?}{}{}",
+                v.algorithm(),
+                if t { "" } else { " + static tokens" },
+                if a { " + anonymous" } else { "" }
+            ),
+        };
         let limits = ApiLimits {
+            jwt,
+            anonymous,
             tokens: cfg.api_tokens.clone(),
             requests_per_sec: cfg.api_rate_limit,
             join_failures_per_ip_per_min: cfg.join_failures_per_ip_per_min,
@@ -262,6 +319,7 @@ impl Running {
             io = if uring { "io_uring" } else { "epoll" },
             gso = cfg.gso,
             stun = cfg.stun,
+            api_auth = %auth_mode,
             api_max_connections = api_cap,
             open_files_limit = nofile,
             region = %cfg.region,

@@ -101,6 +101,7 @@ fn service_problem(e: ServiceError) -> Response {
         }
         ServiceError::SessionFull => problem(StatusCode::CONFLICT, 15011, "Session Full", detail),
         ServiceError::WrongKey => problem(StatusCode::FORBIDDEN, 15403, "Forbidden", detail),
+        ServiceError::TenantLimit(_) => too_many(&detail, 1),
         ServiceError::Capacity | ServiceError::Unavailable | ServiceError::Draining => {
             problem(StatusCode::SERVICE_UNAVAILABLE, 15010, "No Suitable Relay", detail)
         }
@@ -176,23 +177,33 @@ async fn json_body<T: DeserializeOwned>(
     serde_json::from_value(value).map_err(|e| invalid(format!("request body is not valid: {e}")))
 }
 
-async fn allocate(State(st): State<ApiState>, progress: Option<Extension<Progress>>, body: Body) -> Response {
+async fn allocate(
+    State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    progress: Option<Extension<Progress>>,
+    body: Body,
+) -> Response {
     let req: AllocateRequest = match json_body(&st, progress, body).await {
         Ok(r) => r,
         Err(r) => return r,
     };
-    match st.service.allocate(req.max_connections, req.region.as_deref()).await {
+    match st.service.allocate(req.max_connections, req.region.as_deref(), &caller.tenant).await {
         Ok(a) => ok(StatusCode::CREATED, AllocateData { allocation: a }),
         Err(e) => service_problem(e),
     }
 }
 
-async fn joincode(State(st): State<ApiState>, progress: Option<Extension<Progress>>, body: Body) -> Response {
+async fn joincode(
+    State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    progress: Option<Extension<Progress>>,
+    body: Body,
+) -> Response {
     let req: JoinCodeRequest = match json_body(&st, progress, body).await {
         Ok(r) => r,
         Err(r) => return r,
     };
-    match st.service.join_code(&req.allocation_id) {
+    match st.service.join_code(&req.allocation_id, &caller.tenant) {
         Ok((code, created)) => {
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
             ok(status, JoinCodeData { join_code: code })
@@ -222,7 +233,7 @@ async fn join(
             std::str::from_utf8(super::joincode::ALPHABET).unwrap_or_default()
         ));
     }
-    match st.service.join(&req.join_code).await {
+    match st.service.join(&req.join_code, &caller.tenant).await {
         Ok(a) => ok(StatusCode::OK, JoinData { allocation: a }),
         Err(e) => {
             if e == ServiceError::JoinCodeNotFound {
@@ -235,6 +246,7 @@ async fn join(
 
 async fn remove_joiners(
     State(st): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     progress: Option<Extension<Progress>>,
     body: Body,
 ) -> Response {
@@ -242,7 +254,11 @@ async fn remove_joiners(
         Ok(r) => r,
         Err(r) => return r,
     };
-    match st.service.remove_joiners(&req.allocation_id, &req.key, req.joiner_allocation_id.as_deref()).await {
+    match st
+        .service
+        .remove_joiners(&req.allocation_id, &req.key, req.joiner_allocation_id.as_deref(), &caller.tenant)
+        .await
+    {
         Ok(removed) => ok(StatusCode::OK, RemoveJoinersData { removed }),
         Err(e) => service_problem(e),
     }
@@ -309,6 +325,7 @@ async fn metrics(State(st): State<ApiState>) -> Response {
         log_lines_dropped: crate::logging::dropped_lines(),
         log_output_stalled: crate::logging::output_stalled(),
     }));
+    text.push_str(&crate::metrics::render_tenants(&st.service.tenant_counts()));
     let mut r = (StatusCode::OK, text).into_response();
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

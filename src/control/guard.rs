@@ -3,13 +3,18 @@
 //! - **Client IP**: the TCP peer, unless the peer is a configured trusted proxy; then the last
 //!   address of `X-Forwarded-For` that is not itself a trusted proxy. A header from anyone else is
 //!   ignored, so it cannot be used to spread one client over many budgets.
-//! - **Authentication**: with tokens configured, a request needs one of them. Failed
-//!   authentications are budgeted per client IP; once spent, further requests from that IP get
-//!   429 before their token is even compared, so guessing tokens is bounded and cheap to refuse.
-//! - **Request rate**: per client IP, and per token.
-//! - **Failed joins** (checked by the join handler): a request that presents a valid token spends
-//!   that token's own budget; anonymous requests spend their IP's budget and a global one shared
-//!   by all anonymous sources. A game backend that joins for everyone with its token is therefore
+//! - **Authentication**: with static tokens or JWT configured, a request needs a static token
+//!   (compared in constant time) or a player JWT that verifies ([`super::jwt`]); anonymous
+//!   requests pass only when the operator allowed them (`api_anonymous`, or no authentication
+//!   configured on a loopback listener). Failed authentications are budgeted per client IP; once
+//!   spent, further requests from that IP get 429 before their token is even looked at.
+//! - **Tenant**: a static token's (`TOKEN#project/environment`), a JWT's claims, or the default
+//!   tenant for anonymous callers; allocations and join codes are scoped to it.
+//! - **Request rate**: per player (the JWT's subject) when there is one, else per client IP;
+//!   and per static token.
+//! - **Failed joins** (checked by the join handler): a request that presents a valid static
+//!   token spends that token's own budget; a player with a subject spends the subject's budget
+//!   and the global one; anonymous requests spend their IP's budget and the global one. A game backend that joins for everyone with its token is therefore
 //!   never refused because of someone else's flood of bad codes. A request whose budget is spent
 //!   is refused whatever its code, so whether a code exists is never learnable past the limits.
 
@@ -33,7 +38,12 @@ const MAX_KEYS: usize = 100_000;
 /// API limits, from the configuration.
 #[derive(Clone, Debug)]
 pub struct ApiLimits {
+    /// Static tokens: `TOKEN` or `TOKEN#project/environment`.
     pub tokens: Vec<String>,
+    /// Player token verification, when configured.
+    pub jwt: Option<super::jwt::JwtVerifier>,
+    /// Anonymous callers are served (loopback without authentication, or `api_anonymous`).
+    pub anonymous: bool,
     pub requests_per_sec: u32,
     pub join_failures_per_ip_per_min: u32,
     pub join_failures_global_per_sec: u32,
@@ -52,6 +62,7 @@ pub(crate) struct Limiters {
     join_fail_ip: KeyedLimiter<IpAddr>,
     join_fail_global: KeyedLimiter<()>,
     join_fail_token: KeyedLimiter<Arc<str>>,
+    join_fail_subject: KeyedLimiter<Arc<str>>,
 }
 
 fn per_min<K: std::hash::Hash + Eq + Clone>(n: u32) -> KeyedLimiter<K> {
@@ -73,38 +84,43 @@ impl Limiters {
                 1,
             ),
             join_fail_token: per_min(l.join_failures_per_token_per_min),
+            join_fail_subject: per_min(l.join_failures_per_ip_per_min),
         }
     }
 
     /// Seconds until `caller` may try a join again, or `None` when its failed-join budget allows
     /// one now.
     pub fn join_blocked(&mut self, caller: &Caller, now: Millis) -> Option<u64> {
-        match &caller.token {
-            Some(t) => {
-                (!self.join_fail_token.has(t, now)).then(|| self.join_fail_token.retry_after_secs(t, now))
+        if let Some(t) = &caller.token {
+            return (!self.join_fail_token.has(t, now))
+                .then(|| self.join_fail_token.retry_after_secs(t, now));
+        }
+        let own = match &caller.subject {
+            Some(s) => {
+                (!self.join_fail_subject.has(s, now)).then(|| self.join_fail_subject.retry_after_secs(s, now))
             }
-            None => {
-                let ip = caller.ip;
-                if self.join_fail_ip.has(&ip, now) && self.join_fail_global.has(&(), now) {
-                    None
-                } else {
-                    Some(
-                        self.join_fail_ip
-                            .retry_after_secs(&ip, now)
-                            .max(self.join_fail_global.retry_after_secs(&(), now)),
-                    )
-                }
-            }
+            None => (!self.join_fail_ip.has(&caller.ip, now))
+                .then(|| self.join_fail_ip.retry_after_secs(&caller.ip, now)),
+        };
+        let global =
+            (!self.join_fail_global.has(&(), now)).then(|| self.join_fail_global.retry_after_secs(&(), now));
+        match (own, global) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0).max(b.unwrap_or(0))),
         }
     }
 
     /// Spends one failed join from `caller`'s budget.
     pub fn join_failed(&mut self, caller: &Caller, now: Millis) {
-        match &caller.token {
-            Some(t) => {
+        match (&caller.token, &caller.subject) {
+            (Some(t), _) => {
                 self.join_fail_token.take(t, now);
             }
-            None => {
+            (None, Some(s)) => {
+                self.join_fail_subject.take(s, now);
+                self.join_fail_global.take(&(), now);
+            }
+            (None, None) => {
                 self.join_fail_ip.take(&caller.ip, now);
                 self.join_fail_global.take(&(), now);
             }
@@ -116,7 +132,11 @@ impl Limiters {
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub ip: IpAddr,
+    /// The static token presented, when it was one.
     pub token: Option<Arc<str>>,
+    /// The player (tenant-qualified JWT subject), when the token named one.
+    pub subject: Option<Arc<str>>,
+    pub tenant: super::jwt::Tenant,
 }
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the last
@@ -151,55 +171,79 @@ pub async fn guard(
     next: Next,
 ) -> Response {
     let now = st.clock.now();
-    let limits = &st.limits;
+    let limits = st.limits.clone();
     let ip = client_ip(peer.ip(), req.headers(), &limits.trusted_proxies);
-    let presented = bearer(req.headers());
-    let mut token = None;
-    if !limits.tokens.is_empty() {
-        let mut l = st.limiters();
-        if !l.auth_fail_ip.has(&ip, now) {
-            let secs = l.auth_fail_ip.retry_after_secs(&ip, now);
-            return too_many(
-                "too many failed authentications from this address; wait before trying again",
-                secs,
-            );
-        }
-        let valid = presented.and_then(|t| {
-            limits.tokens.iter().fold(None, |acc, k| {
-                if bool::from(k.as_bytes().ct_eq(t.as_bytes())) {
-                    Some(k)
-                } else {
-                    acc
-                }
-            })
-        });
-        match valid {
-            Some(k) => token = Some(Arc::<str>::from(k.as_str())),
-            None => {
-                l.auth_fail_ip.take(&ip, now);
-                let detail = if presented.is_some() {
-                    "bearer token not accepted"
-                } else {
-                    "missing Authorization: Bearer token"
-                };
-                return problem(StatusCode::UNAUTHORIZED, 15401, "Unauthorized", detail);
+    let presented = bearer(req.headers()).map(str::to_string);
+    let mut caller = Caller { ip, token: None, subject: None, tenant: Default::default() };
+    let authenticated = !limits.tokens.is_empty() || limits.jwt.is_some();
+    if authenticated && !(presented.is_none() && limits.anonymous) {
+        {
+            let mut l = st.limiters();
+            if !l.auth_fail_ip.has(&ip, now) {
+                let secs = l.auth_fail_ip.retry_after_secs(&ip, now);
+                return too_many(
+                    "too many failed authentications from this address; wait before trying again",
+                    secs,
+                );
             }
+        }
+        let fail = |detail: &str| {
+            st.limiters().auth_fail_ip.take(&ip, now);
+            problem(StatusCode::UNAUTHORIZED, 15401, "Unauthorized", detail)
+        };
+        let Some(t) = presented.as_deref() else { return fail("missing Authorization: Bearer token") };
+        let matched = limits.tokens.iter().fold(None, |acc, entry| {
+            let (k, tenant) = super::jwt::split_static_token(entry);
+            if bool::from(k.as_bytes().ct_eq(t.as_bytes())) {
+                Some((k, tenant))
+            } else {
+                acc
+            }
+        });
+        match (matched, &limits.jwt) {
+            (Some((k, tenant)), _) => {
+                caller.token = Some(Arc::from(k));
+                caller.tenant = tenant;
+            }
+            (None, Some(jwt)) => {
+                let (jwt, token) = (jwt.clone(), t.to_string());
+                // Verification may fetch a rotated JWKS (blocking, rate limited).
+                let verified = tokio::task::spawn_blocking(move || jwt.verify(&token)).await;
+                match verified {
+                    Ok(Ok(player)) => {
+                        caller.subject =
+                            player.subject.map(|s| Arc::from(format!("{}|{}", player.tenant, s).as_str()));
+                        caller.tenant = player.tenant;
+                    }
+                    Ok(Err(super::jwt::TokenError::NoKeys)) | Err(_) => {
+                        return problem(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            15503,
+                            "Service Unavailable",
+                            super::jwt::TokenError::NoKeys.detail(),
+                        )
+                    }
+                    Ok(Err(e)) => return fail(e.detail()),
+                }
+            }
+            (None, None) => return fail("bearer token not accepted"),
         }
     }
     let limited = {
         let mut l = st.limiters();
-        if !l.per_ip.take(&ip, now) {
-            Some(l.per_ip.retry_after_secs(&ip, now))
-        } else if let Some(t) = &token {
+        let own = match &caller.subject {
+            Some(s) => (!l.per_token.take(s, now)).then(|| l.per_token.retry_after_secs(s, now)),
+            None => (!l.per_ip.take(&ip, now)).then(|| l.per_ip.retry_after_secs(&ip, now)),
+        };
+        own.or_else(|| {
+            let t = caller.token.as_ref()?;
             (!l.per_token.take(t, now)).then(|| l.per_token.retry_after_secs(t, now))
-        } else {
-            None
-        }
+        })
     };
     if let Some(secs) = limited {
         return too_many("rate limit exceeded", secs);
     }
-    req.extensions_mut().insert(Caller { ip, token });
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 

@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 
+use super::jwt::Tenant;
+
 use crate::wire::AllocationId;
 
 /// Unity's join-code alphabet (no vowels, no look-alikes).
@@ -35,17 +37,37 @@ struct HostEntry {
     code: Option<String>,
     /// The host's connection data, base64, for `hostConnectionData` in join answers.
     connection_data: String,
+    /// The game and environment it belongs to: its code is unknown to every other tenant.
+    tenant: Tenant,
 }
 
 #[derive(Default, Debug)]
 pub struct JoinCodes {
     by_code: HashMap<String, AllocationId>,
     by_host: HashMap<AllocationId, HostEntry>,
+    /// Live hosts per tenant.
+    per_tenant: HashMap<Tenant, u32>,
 }
 
 impl JoinCodes {
-    pub fn add_host(&mut self, id: AllocationId, connection_data: String) {
-        self.by_host.insert(id, HostEntry { code: None, connection_data });
+    pub fn add_host(&mut self, id: AllocationId, connection_data: String, tenant: Tenant) {
+        *self.per_tenant.entry(tenant.clone()).or_insert(0) += 1;
+        self.by_host.insert(id, HostEntry { code: None, connection_data, tenant });
+    }
+
+    /// The tenant a live host belongs to.
+    pub fn tenant_of(&self, id: &AllocationId) -> Option<&Tenant> {
+        self.by_host.get(id).map(|h| &h.tenant)
+    }
+
+    /// Live hosts of `tenant`.
+    pub fn hosts_of(&self, tenant: &Tenant) -> u32 {
+        self.per_tenant.get(tenant).copied().unwrap_or(0)
+    }
+
+    /// Live hosts by tenant.
+    pub fn tenants(&self) -> impl Iterator<Item = (&Tenant, u32)> {
+        self.per_tenant.iter().map(|(t, n)| (t, *n))
     }
 
     pub fn host_connection_data(&self, id: &AllocationId) -> Option<&str> {
@@ -90,8 +112,15 @@ impl JoinCodes {
 
     /// Forgets a host and its code (it closed or timed out).
     pub fn remove_host(&mut self, id: &AllocationId) {
-        if let Some(HostEntry { code: Some(code), .. }) = self.by_host.remove(id) {
+        let Some(h) = self.by_host.remove(id) else { return };
+        if let Some(code) = h.code {
             self.by_code.remove(&code);
+        }
+        if let Some(n) = self.per_tenant.get_mut(&h.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_tenant.remove(&h.tenant);
+            }
         }
     }
 }
@@ -118,7 +147,7 @@ mod tests {
         let mut j = JoinCodes::default();
         let id = AllocationId([1; 16]);
         assert!(j.code_for(&id, 8).is_none());
-        j.add_host(id, "cd".into());
+        j.add_host(id, "cd".into(), Default::default());
         let (c, created) = j.code_for(&id, 8).unwrap().unwrap();
         assert!(created);
         assert_eq!(j.code_for(&id, 8).unwrap().unwrap(), (c.clone(), false));

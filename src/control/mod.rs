@@ -5,6 +5,7 @@ pub mod api;
 pub mod guard;
 pub mod http;
 pub mod joincode;
+pub mod jwt;
 pub mod ratelimit;
 pub mod relay;
 pub mod service;

@@ -7,7 +7,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 
 use super::joincode::{self, JoinCodes};
+use super::jwt::Tenant;
 use super::model::{Allocation, JoinAllocation, RelayServer, ServerEndpoint};
+use super::ratelimit::KeyedLimiter;
 use super::relay::{RelayError, RelayHandle};
 use crate::core::{ControlError, Created, Event, ReleaseReason};
 use crate::wire::AllocationId;
@@ -26,6 +28,12 @@ pub struct ServiceConfig {
     pub log_lifecycle: crate::config::LifecycleLog,
     /// Lifecycle events are logged for one allocation in this many.
     pub log_lifecycle_sample: u32,
+    /// Live host allocations per tenant (0: no limit).
+    pub tenant_max_allocations: u32,
+    /// New allocations per second per tenant (0: no limit).
+    pub tenant_allocations_per_sec: u32,
+    /// Tenants with their own metric labels.
+    pub tenants: Vec<Tenant>,
 }
 
 /// Logs a lifecycle event about allocation `$id` at the configured level, if it is sampled.
@@ -52,6 +60,8 @@ pub enum ServiceError {
     SessionFull,
     /// The key presented is not the host allocation's.
     WrongKey,
+    /// The caller's tenant is at its allocation limit.
+    TenantLimit(String),
     Draining,
     Unavailable,
 }
@@ -69,6 +79,7 @@ impl std::fmt::Display for ServiceError {
                  connected with POST /v1/removejoiners)",
             ),
             Self::WrongKey => f.write_str("key does not belong to this host allocation"),
+            Self::TenantLimit(m) => f.write_str(m),
             Self::Draining => f.write_str("this relay is draining and takes no new allocations"),
             Self::Unavailable => f.write_str("relay unavailable"),
         }
@@ -97,13 +108,21 @@ pub struct AllocationService {
     codes: Mutex<JoinCodes>,
     cfg: ServiceConfig,
     draining: AtomicBool,
+    tenant_rate: Mutex<KeyedLimiter<Tenant>>,
+    /// Allocations created, by metric label (configured tenants, "default", "other").
+    created: Mutex<std::collections::BTreeMap<String, u64>>,
+    clock: crate::clock::Clock,
 }
 
 impl AllocationService {
     pub fn new(relay: RelayHandle, cfg: ServiceConfig) -> Arc<Self> {
+        let rate = cfg.tenant_allocations_per_sec as f64;
         Arc::new(Self {
             relay,
             codes: Mutex::new(JoinCodes::default()),
+            tenant_rate: Mutex::new(KeyedLimiter::new(rate, 1000.0, rate.max(1.0), 100_000)),
+            created: Mutex::new(Default::default()),
+            clock: crate::clock::Clock::new(),
             cfg,
             draining: AtomicBool::new(false),
         })
@@ -162,10 +181,58 @@ impl AllocationService {
         }
     }
 
+    /// The metric label of a tenant: its name if configured, `default`, or `other` (so label
+    /// cardinality stays bounded whatever tokens claim).
+    pub fn tenant_label(&self, t: &Tenant) -> String {
+        if t.is_default() {
+            "default".into()
+        } else if self.cfg.tenants.contains(t) {
+            t.to_string()
+        } else {
+            "other".into()
+        }
+    }
+
+    /// Live hosts and allocations created, by tenant label.
+    pub fn tenant_counts(&self) -> Vec<(String, u64, u64)> {
+        let mut live: std::collections::BTreeMap<String, u64> = Default::default();
+        for (t, n) in self.codes().tenants() {
+            *live.entry(self.tenant_label(t)).or_insert(0) += n as u64;
+        }
+        let created = self.created.lock().map(|m| m.clone()).unwrap_or_default();
+        let mut labels: std::collections::BTreeSet<String> = live.keys().cloned().collect();
+        labels.extend(created.keys().cloned());
+        labels
+            .into_iter()
+            .map(|l| (l.clone(), live.get(&l).copied().unwrap_or(0), created.get(&l).copied().unwrap_or(0)))
+            .collect()
+    }
+
+    fn check_tenant_limits(&self, tenant: &Tenant) -> Result<(), ServiceError> {
+        let max = self.cfg.tenant_max_allocations;
+        if max > 0 && self.codes().hosts_of(tenant) >= max {
+            return Err(ServiceError::TenantLimit(format!(
+                "this project and environment already has {max} live host allocations (tenant_max_allocations)"
+            )));
+        }
+        if self.cfg.tenant_allocations_per_sec > 0 {
+            let now = self.clock.now();
+            let mut l = self.tenant_rate.lock().unwrap_or_else(|p| p.into_inner());
+            if !l.take(tenant, now) {
+                return Err(ServiceError::TenantLimit(format!(
+                    "this project and environment is creating allocations faster than {}/s (tenant_allocations_per_sec)",
+                    self.cfg.tenant_allocations_per_sec
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub async fn allocate(
         &self,
         max_connections: i64,
         region: Option<&str>,
+        tenant: &Tenant,
     ) -> Result<Allocation, ServiceError> {
         if self.is_draining() {
             return Err(ServiceError::Draining);
@@ -179,18 +246,27 @@ impl AllocationService {
         if let Some(r) = region.filter(|r| *r != self.cfg.region) {
             return Err(ServiceError::RegionNotFound(r.to_string()));
         }
+        self.check_tenant_limits(tenant)?;
         let (shard, created) = self.relay.create_host(max_connections as u16).await?;
-        self.codes().add_host(created.id, B64.encode(created.connection_data));
+        self.codes().add_host(created.id, B64.encode(created.connection_data), tenant.clone());
+        if let Ok(mut m) = self.created.lock() {
+            *m.entry(self.tenant_label(tenant)).or_insert(0) += 1;
+        }
         lifecycle!(self, created.id, allocation = %created.id, shard, max_connections, "host allocation created");
         Ok(self.allocation(&created))
     }
 
     /// The host's join code and whether it was created by this call.
-    pub fn join_code(&self, allocation_id: &str) -> Result<(String, bool), ServiceError> {
+    pub fn join_code(&self, allocation_id: &str, tenant: &Tenant) -> Result<(String, bool), ServiceError> {
         let id = AllocationId::parse(allocation_id)
             .ok_or_else(|| ServiceError::Invalid(format!("allocationId `{allocation_id}` is not a UUID")))?;
         let len = self.cfg.join_code_length;
-        match self.codes().code_for(&id, len) {
+        let mut codes = self.codes();
+        // Another tenant's allocation does not exist for this caller.
+        if codes.tenant_of(&id).is_some_and(|t| t != tenant) {
+            return Err(ServiceError::AllocationNotFound);
+        }
+        match codes.code_for(&id, len) {
             Some(Ok(r)) => Ok(r),
             Some(Err(_)) => Err(ServiceError::Unavailable),
             None => Err(ServiceError::AllocationNotFound),
@@ -198,18 +274,23 @@ impl AllocationService {
     }
 
     /// Resolves a join code (any case) to its live host and the host's connection data.
-    pub fn resolve(&self, code: &str) -> Option<(AllocationId, String)> {
+    pub fn resolve(&self, code: &str, tenant: &Tenant) -> Option<(AllocationId, String)> {
         let code = joincode::normalize(code)?;
         let codes = self.codes();
         let host = codes.resolve(&code)?;
+        // Another tenant's code is not found.
+        if codes.tenant_of(&host)? != tenant {
+            return None;
+        }
         Some((host, codes.host_connection_data(&host)?.to_string()))
     }
 
-    pub async fn join(&self, code: &str) -> Result<JoinAllocation, ServiceError> {
+    pub async fn join(&self, code: &str, tenant: &Tenant) -> Result<JoinAllocation, ServiceError> {
         if self.is_draining() {
             return Err(ServiceError::Draining);
         }
-        let (host, host_connection_data) = self.resolve(code).ok_or(ServiceError::JoinCodeNotFound)?;
+        let (host, host_connection_data) =
+            self.resolve(code, tenant).ok_or(ServiceError::JoinCodeNotFound)?;
         let created = self.relay.create_joiner(host).await.map_err(|e| match ServiceError::from(e) {
             ServiceError::AllocationNotFound => ServiceError::JoinCodeNotFound,
             other => other,
@@ -224,12 +305,16 @@ impl AllocationService {
         host: &str,
         key: &str,
         joiner: Option<&str>,
+        tenant: &Tenant,
     ) -> Result<u32, ServiceError> {
         let parse = |field: &str, v: &str| {
             AllocationId::parse(v)
                 .ok_or_else(|| ServiceError::Invalid(format!("{field} `{v}` is not a UUID")))
         };
         let host = parse("allocationId", host)?;
+        if self.codes().tenant_of(&host).is_some_and(|t| t != tenant) {
+            return Err(ServiceError::AllocationNotFound);
+        }
         let joiner = joiner.map(|j| parse("joinerAllocationId", j)).transpose()?;
         let key = crate::auth::AllocationKey::from_base64(key.trim()).ok_or_else(|| {
             ServiceError::Invalid("key must be the base64 of the host's 64-byte key".into())
