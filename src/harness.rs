@@ -61,6 +61,37 @@ fn req_too_small(
     parsed.as_ref().is_ok_and(|r| r.response_len(src) as f64 > crate::core::MAX_AMPLIFICATION * len as f64)
 }
 
+/// Player-token verification over arbitrary strings (as a bearer token would arrive): never a
+/// panic, and nothing verifies without the key.
+pub fn jwt_verify(data: &[u8]) {
+    use std::sync::OnceLock;
+    static V: OnceLock<crate::control::jwt::JwtVerifier> = OnceLock::new();
+    let v = V.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ferry-fuzz-jwt-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let secret = dir.join("secret");
+        let _ = std::fs::write(&secret, "fuzzing-secret-fuzzing-secret-fuzzing!");
+        let settings = crate::control::jwt::JwtSettings {
+            algorithm: jsonwebtoken::Algorithm::HS256,
+            secret_file: Some(secret),
+            public_key_file: None,
+            jwks_file: None,
+            jwks_url: None,
+            issuer: None,
+            audience: None,
+            leeway_secs: 30,
+            project_claim: "project_id".into(),
+            environment_claim: "environment_id".into(),
+        };
+        match crate::control::jwt::JwtVerifier::new(settings, crate::clock::Clock::new()) {
+            Ok(v) => v,
+            Err((k, m)) => panic!("{k}: {m}"),
+        }
+    });
+    let token = String::from_utf8_lossy(data);
+    assert!(v.verify(&token).is_err(), "a token the fuzzer made up verified");
+}
+
 /// The tunnel's frames over arbitrary bytes: no panic, and what parses re-writes to the same
 /// bytes (DATA too, through `write_data`).
 pub fn tunnel_frame(data: &[u8]) {

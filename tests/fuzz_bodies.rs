@@ -72,6 +72,15 @@ proptest! {
     }
 
     #[test]
+    fn jwt_verify(raw in prop::collection::vec(any::<u8>(), 0..300), parts in "[A-Za-z0-9_-]{0,60}\\.[A-Za-z0-9_-]{0,80}\\.[A-Za-z0-9_-]{0,60}") {
+        harness::jwt_verify(&raw);
+        harness::jwt_verify(parts.as_bytes());
+        // A well-formed header naming HS256 with a made-up body and signature.
+        let token = format!("eyJhbGciOiJIUzI1NiJ9.{}", parts.split_once('.').map_or("", |p| p.1));
+        harness::jwt_verify(token.as_bytes());
+    }
+
+    #[test]
     fn core_sequence(data in prop::collection::vec(any::<u8>(), 0..1500)) {
         harness::core_sequence(&data);
     }

@@ -238,7 +238,7 @@ impl JwtVerifier {
             clock,
         };
         if v.settings.jwks_url.is_some() {
-            if let Err(e) = v.refresh(true) {
+            if let Err(e) = v.fetch_now() {
                 tracing::warn!(error = %e, "JWKS not available yet; tokens are refused with 503 until it is");
             }
         }
@@ -249,10 +249,10 @@ impl JwtVerifier {
         self.settings.algorithm
     }
 
-    /// Fetches the JWKS from its URL, unless that happened less than [`MIN_REFRESH_MS`] ago
-    /// (`force` ignores that, for the scheduled refresh). Keeps the old keys on failure.
+    /// Fetches the JWKS from its URL for an unknown key, unless such a fetch happened less than
+    /// [`MIN_REFRESH_MS`] ago (`force`, for the scheduled refresh, ignores that). Keeps the old
+    /// keys on failure.
     pub fn refresh(&self, force: bool) -> Result<(), String> {
-        let Some(url) = self.settings.jwks_url.as_deref() else { return Ok(()) };
         let now = self.clock.now();
         {
             let mut last = self.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
@@ -261,11 +261,15 @@ impl JwtVerifier {
             }
             *last = Some(now);
         }
+        self.fetch_now()
+    }
+
+    fn fetch_now(&self) -> Result<(), String> {
+        let Some(url) = self.settings.jwks_url.as_deref() else { return Ok(()) };
         let keys = parse_jwks(&fetch(url)?, self.settings.algorithm)?;
         let mut k = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        // Keys loaded from files stay; the URL's replace what it served before.
-        k.by_kid.retain(|kid, _| kid.is_none() && self.settings.jwks_url.is_none());
-        k.by_kid.extend(keys.by_kid);
+        // What the URL serves now replaces every key it served before (rotated keys go away).
+        *k = keys;
         Ok(())
     }
 
