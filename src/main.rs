@@ -107,7 +107,12 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ferry: {e}");
-                    ExitCode::FAILURE
+                    // Configuration that only start-up can judge (keys, descriptor limits).
+                    if e.kind() == std::io::ErrorKind::InvalidInput {
+                        ExitCode::from(2)
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
             }
         }

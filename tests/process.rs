@@ -561,3 +561,42 @@ fn ferry_tunnel_host_and_join_on_the_command_line() {
     let rest: Vec<String> = join_out.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("host_left")), "{rest:?}");
 }
+
+#[test]
+fn start_up_says_which_authentication_mode_is_active() {
+    let (_p, line) =
+        start_with(&["--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0"], &[]).unwrap();
+    assert_eq!(line["fields"]["api_auth"], "anonymous");
+    let secret = std::env::temp_dir().join(format!("ferry-proc-jwt-{}", std::process::id()));
+    std::fs::write(&secret, "a-shared-secret-of-at-least-32-bytes!!").unwrap();
+    let (_p, line) = start_with(
+        &[
+            "--api-listen",
+            "0.0.0.0:0",
+            "--relay-listen",
+            "127.0.0.1:0",
+            "--jwt-algorithm",
+            "HS256",
+            "--jwt-secret-file",
+            secret.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(line["fields"]["api_auth"], "JWT HS256");
+    let out = Command::new(BIN)
+        .args(["serve", "--api-listen", "0.0.0.0:0", "--jwt-algorithm", "RS256"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad JWT configuration stops start-up like any bad configuration"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("jwt_public_key_file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(secret).ok();
+}
