@@ -1,4 +1,4 @@
-//! The allocations HTTP API (`spec/allocations-api.md`) plus `/healthz`, `/readyz`, `/metrics`.
+//! The allocations HTTP API (`docs/api.md`) plus `/healthz`, `/readyz`, `/metrics`.
 //!
 //! Every failure is a problem body (`application/problem+json`) with a readable `detail`;
 //! malformed input is a 4xx, never a 500.

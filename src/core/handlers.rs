@@ -1,4 +1,4 @@
-//! Per-message rules of `spec/relay-protocol.md` §5. Order everywhere: cheap structural checks,
+//! Per-message rules of `docs/protocol.md` ("Sessions"). Order everywhere: cheap structural checks,
 //! then O(1) lookups, then crypto, and only then state changes.
 
 use std::net::SocketAddr;

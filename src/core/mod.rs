@@ -1,4 +1,4 @@
-//! The sans-IO shard state machine (`spec/relay-protocol.md` §5).
+//! The sans-IO shard state machine (`docs/protocol.md`, "Sessions").
 //!
 //! A [`Core`] owns the allocations of one shard outright. It is fed datagrams, control commands
 //! and the current time, and answers with what to send where:

@@ -122,7 +122,7 @@ pub(crate) fn mint_id(
     AllocationId(b)
 }
 
-/// The shard that owns `id` among `shards` (`spec/relay-protocol.md` §4).
+/// The shard that owns `id` among `shards` (`docs/protocol.md`, "Allocation IDs and connection data").
 pub fn owner_shard(id: &AllocationId, shards: u32) -> u32 {
     u32::from_be_bytes([id.0[0], id.0[1], id.0[2], id.0[3]]) % shards.max(1)
 }

@@ -1,5 +1,5 @@
 //! Builders for client→relay datagrams exactly as Unity Transport sends them
-//! (`spec/relay-protocol.md` §6): connection data zero-padded to 255 bytes, nonces and ping
+//! (`docs/protocol.md`, "What UTP does as a client"): connection data zero-padded to 255 bytes, nonces and ping
 //! sequences little-endian, RELAY length big-endian.
 
 use crate::auth::{sign_bind, AllocationKey};

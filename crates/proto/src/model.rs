@@ -1,4 +1,4 @@
-//! The allocations API's JSON shapes (`spec/allocations-api.md`), shared by server and SDK.
+//! The allocations API's JSON shapes (`docs/api.md`), shared by server and SDK.
 //! Field names and casing follow Unity's models so its deserializers read them unchanged.
 
 use serde::{Deserialize, Serialize};

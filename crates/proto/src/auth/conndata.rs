@@ -1,4 +1,4 @@
-//! Ferry's 255-byte connection data (DECISION in `spec/relay-protocol.md` §4).
+//! Ferry's 255-byte connection data (a decision in `docs/protocol.md`, "Allocation IDs and connection data").
 //!
 //! ```text
 //! 0..16   owner allocation ID (so BIND resolves its allocation, and steering reads it at offset 8)

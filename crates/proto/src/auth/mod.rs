@@ -1,4 +1,4 @@
-//! Keys, BIND verification and the connection-data format (`spec/relay-protocol.md` §3–4).
+//! Keys, BIND verification and the connection-data format (`docs/protocol.md`, "BIND authentication" and "Allocation IDs").
 //!
 //! Each allocation keeps only a [`PreKeyedHmac`]: the two SHA-256 midstates after absorbing
 //! `key ^ ipad` and `key ^ opad` (64 bytes). Verifying a UTP BIND then costs the compression of

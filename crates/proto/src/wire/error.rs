@@ -2,7 +2,7 @@
 
 use super::{check_header, write_header, AllocationId, MessageType, WireError, ID_LEN};
 
-/// ERROR codes (`spec/relay-protocol.md` §2).
+/// ERROR codes (`docs/protocol.md`, "Error codes").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum ErrorCode {

@@ -1,4 +1,4 @@
-//! Zero-copy views over Unity Relay datagrams (`spec/relay-protocol.md` §1–2).
+//! Zero-copy views over Unity Relay datagrams (`docs/protocol.md`, "Framing").
 //!
 //! Every view wraps a `T: AsRef<[u8]>` and is built with `new_checked`, which validates the header,
 //! the type and the exact length of untrusted input. After that check no accessor can panic.
