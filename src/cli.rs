@@ -245,9 +245,12 @@ pub struct ServeArgs {
     /// JWKS file with the verification keys.
     #[arg(long, env = "FERRY_JWT_JWKS_FILE")]
     pub jwt_jwks_file: Option<PathBuf>,
-    /// JWKS URL (http://), fetched at start-up, every 5 minutes and on an unknown kid.
+    /// JWKS URL (https:// or http://), fetched at start-up, every 5 minutes and on an unknown kid.
     #[arg(long, env = "FERRY_JWT_JWKS_URL")]
     pub jwt_jwks_url: Option<String>,
+    /// CA bundle (PEM) trusted for an https JWKS URL [default: the built-in Mozilla roots].
+    #[arg(long, env = "FERRY_JWT_JWKS_CA_FILE")]
+    pub jwt_jwks_ca_file: Option<PathBuf>,
     /// Required `iss` claim.
     #[arg(long, env = "FERRY_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -363,6 +366,7 @@ struct FileConfig {
     jwt_public_key_file: Option<PathBuf>,
     jwt_jwks_file: Option<PathBuf>,
     jwt_jwks_url: Option<String>,
+    jwt_jwks_ca_file: Option<PathBuf>,
     jwt_issuer: Option<String>,
     jwt_audience: Option<String>,
     jwt_leeway: Option<FileDuration>,
@@ -454,6 +458,7 @@ impl ServeArgs {
         c.jwt_public_key_file = self.jwt_public_key_file.or(file.jwt_public_key_file);
         c.jwt_jwks_file = self.jwt_jwks_file.or(file.jwt_jwks_file);
         c.jwt_jwks_url = self.jwt_jwks_url.or(file.jwt_jwks_url);
+        c.jwt_jwks_ca_file = self.jwt_jwks_ca_file.or(file.jwt_jwks_ca_file);
         c.jwt_issuer = self.jwt_issuer.or(file.jwt_issuer);
         c.jwt_audience = self.jwt_audience.or(file.jwt_audience);
         c.jwt_algorithm = match (self.jwt_algorithm, file.jwt_algorithm) {

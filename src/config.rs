@@ -134,6 +134,8 @@ pub struct Config {
     pub jwt_public_key_file: Option<PathBuf>,
     pub jwt_jwks_file: Option<PathBuf>,
     pub jwt_jwks_url: Option<String>,
+    /// CA bundle (PEM) for an https JWKS URL (default: the built-in Mozilla roots).
+    pub jwt_jwks_ca_file: Option<PathBuf>,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     pub jwt_leeway: Duration,
@@ -226,6 +228,7 @@ impl Config {
             jwt_public_key_file: None,
             jwt_jwks_file: None,
             jwt_jwks_url: None,
+            jwt_jwks_ca_file: None,
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway: Duration::from_secs(30),
@@ -299,6 +302,11 @@ impl Config {
                     self.api_listen
                 ),
             ));
+        }
+        if let Some(u) = &self.jwt_jwks_url {
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                return Err(err("jwt_jwks_url", format!("`{u}` is not an https:// or http:// URL")));
+            }
         }
         if self.jwt_algorithm.is_none()
             && (self.jwt_secret_file.is_some()

@@ -77,6 +77,7 @@ pub fn jwt_verify(data: &[u8]) {
             public_key_file: None,
             jwks_file: None,
             jwks_url: None,
+            jwks_ca_file: None,
             issuer: None,
             audience: None,
             leeway_secs: 30,

@@ -240,6 +240,7 @@ impl Running {
                     public_key_file: cfg.jwt_public_key_file.clone(),
                     jwks_file: cfg.jwt_jwks_file.clone(),
                     jwks_url: cfg.jwt_jwks_url.clone(),
+                    jwks_ca_file: cfg.jwt_jwks_ca_file.clone(),
                     issuer: cfg.jwt_issuer.clone(),
                     audience: cfg.jwt_audience.clone(),
                     leeway_secs: cfg.jwt_leeway.as_secs(),

@@ -358,3 +358,60 @@ fn anonymous_on_a_public_listener_only_by_choice_and_tenant_limits() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn jwks_over_https_with_an_operator_ca() {
+    let key = EncodingKey::from_ec_pem(&std::fs::read(fixture("ec.pem")).unwrap()).unwrap();
+    let body = jwks(&[(&key, "a")]);
+    // An HTTPS server with a certificate for "localhost" from a CA the relay is told to trust.
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let ca = std::env::temp_dir().join(format!("ferry-jwks-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
+            )
+            .unwrap(),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut t = rustls::StreamOwned::new(rustls::ServerConnection::new(tls.clone()).unwrap(), s);
+            let mut buf = [0u8; 2048];
+            if t.read(&mut buf).is_err() {
+                continue;
+            }
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = t.write_all(reply.as_bytes());
+            t.conn.send_close_notify();
+            let _ = t.flush();
+        }
+    });
+    let srv = public_relay(|c| {
+        c.jwt_algorithm = Some(Algorithm::ES256);
+        c.jwt_jwks_url = Some(format!("https://localhost:{port}/.well-known/jwks.json"));
+        c.jwt_jwks_ca_file = Some(ca.clone());
+    });
+    assert!(api(&srv, Some(&mint(Algorithm::ES256, &key, Some("a"), player("p", "g"))))
+        .allocate(1, None)
+        .is_ok());
+    // Without the operator's CA the certificate is not trusted: no keys, 503.
+    let srv = public_relay(|c| {
+        c.jwt_algorithm = Some(Algorithm::ES256);
+        c.jwt_jwks_url = Some(format!("https://localhost:{port}/.well-known/jwks.json"));
+    });
+    match api(&srv, Some(&mint(Algorithm::ES256, &key, Some("a"), player("p", "g")))).allocate(1, None) {
+        Err(ApiError::Problem(p)) => assert_eq!(p.status, 503),
+        other => panic!("{other:?}"),
+    }
+}

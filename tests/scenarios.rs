@@ -1,4 +1,4 @@
-//! Scenario tests for every rule of `spec/relay-protocol.md` §5, in virtual time.
+//! Scenario tests for every rule of `docs/protocol.md` ("Sessions"), in virtual time.
 
 mod common;
 

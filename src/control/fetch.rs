@@ -46,7 +46,8 @@ pub fn get(url: &str, ca_file: Option<&Path>) -> Result<Vec<u8>, String> {
             .map_err(|e| format!("{url}: {e}"))?;
         return if r.status == 200 { Ok(r.body) } else { Err(format!("{url}: HTTP {}", r.status)) };
     }
-    let rest = url.strip_prefix("https://").ok_or_else(|| format!("{url}: only http:// and https:// URLs"))?;
+    let rest =
+        url.strip_prefix("https://").ok_or_else(|| format!("{url}: only http:// and https:// URLs"))?;
     let (authority, path) = rest.find('/').map_or((rest, "/"), |i| (&rest[..i], &rest[i..]));
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
@@ -59,13 +60,17 @@ pub fn get(url: &str, ca_file: Option<&Path>) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("{url}: {e}"))?
         .next()
         .ok_or_else(|| format!("{url}: cannot resolve {host}"))?;
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| format!("{url}: {e}"))?;
-    let conn = rustls::ClientConnection::new(tls_config(ca_file)?, name).map_err(|e| format!("{url}: {e}"))?;
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| format!("{url}: {e}"))?;
+    let conn =
+        rustls::ClientConnection::new(tls_config(ca_file)?, name).map_err(|e| format!("{url}: {e}"))?;
     let tcp = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("{url}: {e}"))?;
     tcp.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
     tcp.set_write_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: application/json\r\n\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: application/json\r\n\r\n"
+    );
     tls.write_all(req.as_bytes()).map_err(|e| format!("{url}: {e}"))?;
     let mut raw = Vec::new();
     let mut chunk = [0u8; 16 * 1024];

@@ -3,7 +3,7 @@
 //! The algorithm comes from the configuration, never from the token: a token whose header names
 //! another algorithm (`none` included, or HS256 on an RS256 deployment, the classic confusion
 //! attack) is refused before any key is used. Keys are a shared secret (HS256/HS512, from a file),
-//! a PEM public key, or a JWKS (from a file or an `http://` URL — fetched at start-up, refreshed
+//! a PEM public key, or a JWKS (from a file or an `https://` or `http://` URL — fetched at start-up, refreshed
 //! on a schedule and when a token names an unknown `kid`, at most once per
 //! [`MIN_REFRESH_MS`]). Checked: the signature, `exp` and `nbf` with a leeway, `iss` and `aud`
 //! when configured. What a token says about its player: `sub`, and the tenant (project and
@@ -60,6 +60,8 @@ pub struct JwtSettings {
     pub public_key_file: Option<PathBuf>,
     pub jwks_file: Option<PathBuf>,
     pub jwks_url: Option<String>,
+    /// CA bundle (PEM) trusted for an `https://` JWKS URL instead of the built-in roots.
+    pub jwks_ca_file: Option<PathBuf>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway_secs: u64,
@@ -141,22 +143,6 @@ fn parse_jwks(bytes: &[u8], alg: Algorithm) -> Result<Keys, String> {
         }
     }
     Ok(keys)
-}
-
-/// Fetches a JWKS over plain HTTP (a JWKS is public; serve it from a trusted network or a file).
-fn fetch(url: &str) -> Result<Vec<u8>, String> {
-    let rest =
-        url.strip_prefix("http://").ok_or("jwt_jwks_url must be an http:// URL (or use jwt_jwks_file)")?;
-    let (base, path) = match rest.find('/') {
-        Some(i) => (format!("http://{}", &rest[..i]), rest[i..].to_string()),
-        None => (url.to_string(), "/".to_string()),
-    };
-    let r = crate::client::http::request(&base, "GET", &path, None, None, std::time::Duration::from_secs(5))
-        .map_err(|e| format!("{url}: {e}"))?;
-    if r.status != 200 {
-        return Err(format!("{url}: HTTP {}", r.status));
-    }
-    Ok(r.body)
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -266,7 +252,8 @@ impl JwtVerifier {
 
     fn fetch_now(&self) -> Result<(), String> {
         let Some(url) = self.settings.jwks_url.as_deref() else { return Ok(()) };
-        let keys = parse_jwks(&fetch(url)?, self.settings.algorithm)?;
+        let body = super::fetch::get(url, self.settings.jwks_ca_file.as_deref())?;
+        let keys = parse_jwks(&body, self.settings.algorithm)?;
         let mut k = self.keys.write().unwrap_or_else(|p| p.into_inner());
         // What the URL serves now replaces every key it served before (rotated keys go away).
         *k = keys;

@@ -2,6 +2,7 @@
 //! It reaches the relay's shards only by message ([`relay::RelayHandle`]).
 
 pub mod api;
+mod fetch;
 pub mod guard;
 pub mod http;
 pub mod joincode;

@@ -1,6 +1,6 @@
 //! The relay connection: BIND with retry, CONNECT with retry, RELAY send/receive, keep-alive
 //! PING, re-BIND with a fresh nonce after ERROR 3 or silence, CLOSE. Blocking, one UDP socket.
-//! Timing follows Unity Transport (`spec/relay-protocol.md` §6).
+//! Timing follows Unity Transport (`docs/protocol.md`, "What UTP does as a client").
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};

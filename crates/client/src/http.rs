@@ -82,6 +82,11 @@ pub fn request(
     s.write_all(body)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+/// Parses a whole HTTP/1.1 response (status line, headers, `Content-Length` or chunked body).
+pub fn parse_response(raw: &[u8]) -> io::Result<HttpResponse> {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no header end"))?;
     let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("non-UTF-8 header"))?;
     let mut lines = head.split("\r\n");
