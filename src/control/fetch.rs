@@ -36,8 +36,7 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Strin
 
 /// GETs `url` (http or https) and returns the body of a 200 answer.
 pub fn get(url: &str, ca_file: Option<&Path>) -> Result<Vec<u8>, String> {
-    if url.starts_with("http://") {
-        let rest = &url["http://".len()..];
+    if let Some(rest) = url.strip_prefix("http://") {
         let (base, path) = match rest.find('/') {
             Some(i) => (format!("http://{}", &rest[..i]), rest[i..].to_string()),
             None => (url.to_string(), "/".to_string()),
