@@ -48,11 +48,18 @@ pub fn get(url: &str, ca_file: Option<&Path>) -> Result<Vec<u8>, String> {
     let rest =
         url.strip_prefix("https://").ok_or_else(|| format!("{url}: only http:// and https:// URLs"))?;
     let (authority, path) = rest.find('/').map_or((rest, "/"), |i| (&rest[..i], &rest[i..]));
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-            (h.trim_matches(['[', ']']), p.parse::<u16>().map_err(|_| format!("{url}: bad port"))?)
+    let bad_port = || format!("{url}: bad port");
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or_else(|| format!("{url}: bad address"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (h, p.parse::<u16>().map_err(|_| bad_port())?),
+            None => (h, 443),
         }
-        _ => (authority, 443),
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad_port())?),
+            None => (authority, 443),
+        }
     };
     let addr = (host, port)
         .to_socket_addrs()
