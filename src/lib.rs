@@ -21,6 +21,7 @@ pub mod io;
 pub mod load;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod serve;
 pub mod shard;
 pub mod steer;

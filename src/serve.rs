@@ -341,6 +341,12 @@ impl Running {
         })
     }
 
+    /// Whether every shard answers a stats round trip within `within`.
+    pub async fn shards_answer(&self, within: Duration) -> bool {
+        let n = self.relay.shard_count();
+        matches!(tokio::time::timeout(within, self.relay.stats()).await, Ok(s) if s.len() == n)
+    }
+
     /// Live allocations over all shards.
     pub async fn allocations(&self) -> usize {
         self.relay.stats().await.iter().map(|s| s.allocations).sum()
@@ -381,11 +387,38 @@ pub async fn serve_until_signal(cfg: Config) -> io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let running = Running::start(cfg).await?;
+    let notifier = crate::notify::Notifier::from_env().map(Arc::new);
+    if let Some(n) = &notifier {
+        // Ready means the shards answer, not merely that the sockets are bound.
+        if !running.shards_answer(Duration::from_secs(5)).await {
+            return Err(io::Error::other("relay shards did not answer at start-up"));
+        }
+        n.send(&format!("READY=1\nSTATUS=serving: API {}, relay {}", running.api_addr, running.relay_addr));
+        if let Some(every) = crate::notify::watchdog_interval() {
+            let (n, relay) = (n.clone(), running.relay.clone());
+            let half = every / 2;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(half).await;
+                    let shards = relay.shard_count();
+                    // Keep-alives only while every shard turns over: a wedged relay gets restarted.
+                    if matches!(tokio::time::timeout(half, relay.stats()).await, Ok(s) if s.len() == shards) {
+                        n.send("WATCHDOG=1");
+                    } else {
+                        tracing::error!("a shard stopped answering; withholding the watchdog keep-alive");
+                    }
+                }
+            });
+        }
+    }
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
     running.start_draining();
+    if let Some(n) = &notifier {
+        n.send("STOPPING=1\nSTATUS=draining");
+    }
     let left = running.allocations().await;
     tracing::info!(allocations = left, deadline_secs = drain.as_secs_f64(), "draining: no new allocations");
     let deadline = tokio::time::sleep(drain);

@@ -600,3 +600,34 @@ fn start_up_says_which_authentication_mode_is_active() {
     );
     std::fs::remove_file(secret).ok();
 }
+
+#[test]
+fn service_manager_hears_ready_watchdog_and_stopping_in_order() {
+    let path = std::env::temp_dir().join(format!("ferry-notify-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let first = next();
+    assert!(first.starts_with("READY=1") && first.contains("STATUS=serving"), "{first}");
+    let watchdogs = (0..3).map(|_| next()).filter(|m| m == "WATCHDOG=1").count();
+    assert_eq!(watchdogs, 3, "keep-alives every half interval while the shards answer");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let stopping = (0..10).map(|_| next()).find(|m| m.starts_with("STOPPING=1"));
+    assert!(stopping.is_some_and(|m| m.contains("draining")));
+    assert!(child.wait().unwrap().success());
+    std::fs::remove_file(&path).ok();
+}
