@@ -68,13 +68,37 @@ pub struct CtlArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum CtlCommand {
+    /// The relay's state: draining, shards, allocations, packet totals.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live allocations: ID, role, age, bound address, peers, bytes relayed.
+    Allocations {
+        #[arg(long)]
+        json: bool,
+        /// Only hosts or only joiners.
+        #[arg(long)]
+        role: Option<String>,
+        /// Only the joiners of this host (and the host).
+        #[arg(long)]
+        host: Option<String>,
+        /// Only allocations that never bound.
+        #[arg(long)]
+        unbound: bool,
+    },
     /// Print the relay's counters (Prometheus text).
     Stats,
     /// Release an allocation at once: a joiner frees its host's slot, a host ends its session.
-    Release {
+    #[command(alias = "release")]
+    Kick {
         /// The allocation ID (UUID).
         id: String,
     },
+    /// Stop taking new allocations; live sessions keep working (`/readyz` turns 503).
+    Drain,
+    /// Take new allocations again.
+    Undrain,
 }
 
 #[derive(Args, Debug)]

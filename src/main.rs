@@ -47,29 +47,6 @@ fn env_error(e: &clap::Error) -> Option<String> {
     ))
 }
 
-fn ctl(a: &ferry::cli::CtlArgs) -> Result<(), String> {
-    use ferry::cli::CtlCommand;
-    use ferry::control::socket::ControlClient;
-    let mut c = match (&a.socket, a.tcp) {
-        (Some(path), _) => ControlClient::connect_unix(path),
-        (None, Some(addr)) => {
-            ControlClient::connect_tcp(addr, a.secret.as_deref().ok_or("--tcp needs --secret")?)
-        }
-        (None, None) => return Err("give --socket PATH or --tcp ADDR --secret S".into()),
-    }
-    .map_err(|e| format!("cannot reach the relay: {e}"))?;
-    match &a.command {
-        CtlCommand::Stats => print!("{}", c.stats().map_err(|e| e.to_string())?),
-        CtlCommand::Release { id } => {
-            let parsed =
-                ferry::wire::AllocationId::parse(id).ok_or_else(|| format!("`{id}` is not a UUID"))?;
-            c.release(&parsed).map_err(|e| format!("release {id}: {e}"))?;
-            println!("released {id}");
-        }
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -130,7 +107,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Ctl(args) => match ctl(&args) {
+        Command::Ctl(args) => match ferry::ctl::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ferry ctl: {e}");

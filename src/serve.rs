@@ -206,6 +206,7 @@ impl Running {
             secret: None,
             max_connections: cfg.control_max_connections,
             clock,
+            service: Some(service.clone()),
         };
         if let Some(path) = cfg.control_socket.clone() {
             let c = control.clone();

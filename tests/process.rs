@@ -244,6 +244,44 @@ fn a_live_control_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
     assert!(stats.contains("ferry_allocations_released_total{reason=\"control\"} 1"), "{stats}");
     let out = Command::new(BIN).args(["ctl", "--socket", p, "release", &h.allocation_id]).output().unwrap();
     assert!(!out.status.success(), "releasing it twice fails");
+    // status, allocations (filtered, JSON), drain and undrain, kick.
+    let ctl = |args: &[&str]| {
+        let out = Command::new(BIN).args(["ctl", "--socket", p]).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let api = ApiClient::new(first.api.clone());
+    let host = api.allocate(2, None).unwrap();
+    let code = api.join_code(&host.allocation_id).unwrap();
+    let joiner = api.join(&code).unwrap();
+    let mut hc = RelayClient::new(&host).unwrap();
+    hc.bind().unwrap();
+    let status: serde_json::Value = serde_json::from_str(&ctl(&["status", "--json"])).unwrap();
+    assert_eq!(
+        (status["draining"].as_bool(), status["allocations"].as_u64()),
+        (Some(false), Some(2)),
+        "{status}"
+    );
+    let list: serde_json::Value = serde_json::from_str(&ctl(&["allocations", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    let hosts: serde_json::Value =
+        serde_json::from_str(&ctl(&["allocations", "--json", "--role", "host"])).unwrap();
+    assert_eq!(hosts[0]["id"], host.allocation_id.as_str());
+    assert!(hosts[0]["bound"].is_string(), "the host bound: {hosts}");
+    let unbound: serde_json::Value =
+        serde_json::from_str(&ctl(&["allocations", "--json", "--unbound"])).unwrap();
+    assert_eq!(unbound[0]["id"], joiner.allocation.allocation_id.as_str());
+    assert_eq!(unbound[0]["host"], host.allocation_id.as_str());
+    assert!(ctl(&["allocations"]).contains(&host.allocation_id), "the table lists it");
+    ctl(&["drain"]);
+    assert_eq!(api.raw("GET", "/readyz", None).unwrap().status, 503);
+    assert!(api.allocate(1, None).is_err(), "no new allocations while drained");
+    assert!(ctl(&["status"]).starts_with("draining"));
+    ctl(&["undrain"]);
+    assert_eq!(api.raw("GET", "/readyz", None).unwrap().status, 200);
+    ctl(&["kick", &joiner.allocation.allocation_id]);
+    let list: serde_json::Value = serde_json::from_str(&ctl(&["allocations", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     // kill -9 leaves the file behind; the next relay replaces it.
     first.child.kill().unwrap();
     first.child.wait().unwrap();

@@ -57,7 +57,9 @@ impl RelayHandle {
     fn created(r: ControlReply) -> Result<Created, RelayError> {
         match r {
             ControlReply::Created(c) => Ok(*c),
-            ControlReply::Released | ControlReply::Removed(_) => Err(RelayError::Unavailable),
+            ControlReply::Released | ControlReply::Removed(_) | ControlReply::List(_) => {
+                Err(RelayError::Unavailable)
+            }
         }
     }
 
@@ -105,6 +107,17 @@ impl RelayHandle {
             ControlReply::Removed(n) => Ok(n),
             _ => Err(RelayError::Unavailable),
         }
+    }
+
+    /// Every live allocation on every shard that answers.
+    pub async fn list(&self) -> Vec<crate::core::AllocationInfo> {
+        let mut out = Vec::new();
+        for shard in 0..self.shards.len() {
+            if let Ok(ControlReply::List(v)) = self.ask(shard, Control::List).await {
+                out.extend(v);
+            }
+        }
+        out
     }
 
     /// Counters of every shard that answers.

@@ -151,6 +151,11 @@ impl AllocationService {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Takes new allocations again after [`start_draining`](Self::start_draining).
+    pub fn stop_draining(&self) {
+        self.draining.store(false, Ordering::SeqCst);
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }

@@ -9,7 +9,8 @@
 //! client auth    [HMAC-SHA256(SHA-256(secret), nonce): 32]      (only when required)
 //! server         [0] accepted                                   (or the connection closes)
 //! request        [op][args]   1 create host [max u16] · 2 create joiner [host id 16]
-//!                             3 release [id 16] · 4 stats
+//!                             3 release [id 16] · 4 stats · 5 list allocations (JSON)
+//!                             6 drain · 7 undrain · 8 status (JSON)
 //! response       [status][body]   0 ok, else an error code (see `Status`)
 //! create ok      [shard u16][id 16][key 64][connection data 255][port u16][host len u8][host]
 //! stats ok       Prometheus text
@@ -36,6 +37,10 @@ const OP_CREATE_HOST: u8 = 1;
 const OP_CREATE_JOINER: u8 = 2;
 const OP_RELEASE: u8 = 3;
 const OP_STATS: u8 = 4;
+const OP_LIST: u8 = 5;
+const OP_DRAIN: u8 = 6;
+const OP_UNDRAIN: u8 = 7;
+const OP_STATUS: u8 = 8;
 
 /// Response status codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +99,8 @@ pub struct ControlServer {
     pub secret: Option<Arc<str>>,
     /// Most connections open at once on one listener; more are closed on accept.
     pub max_connections: usize,
+    /// The allocation service, for drain, undrain and status (absent: those answer Unavailable).
+    pub service: Option<Arc<crate::control::service::AllocationService>>,
     pub clock: crate::clock::Clock,
 }
 
@@ -182,6 +189,46 @@ impl ControlServer {
                 },
                 None => vec![Status::BadRequest as u8],
             },
+            Some(OP_LIST) if req.len() == 1 => {
+                let mut out = vec![Status::Ok as u8];
+                out.extend_from_slice(&serde_json::to_vec(&self.relay.list().await).unwrap_or_default());
+                out
+            }
+            Some(op @ (OP_DRAIN | OP_UNDRAIN)) if req.len() == 1 => match &self.service {
+                Some(s) => {
+                    if op == OP_DRAIN {
+                        s.start_draining();
+                        tracing::info!("draining by control request: no new allocations");
+                    } else {
+                        s.stop_draining();
+                        tracing::info!("undrained by control request: taking allocations again");
+                    }
+                    vec![Status::Ok as u8]
+                }
+                None => vec![Status::Unavailable as u8],
+            },
+            Some(OP_STATUS) if req.len() == 1 => {
+                let stats = self.relay.stats().await;
+                let mut total = crate::core::Stats::default();
+                for s in &stats {
+                    total.merge(&s.core);
+                }
+                let status = serde_json::json!({
+                    "draining": self.service.as_ref().is_some_and(|s| s.is_draining()),
+                    "shards": self.relay.shard_count(),
+                    "shards_answering": stats.len(),
+                    "allocations": stats.iter().map(|s| s.allocations).sum::<usize>(),
+                    "allocations_per_shard": stats.iter().map(|s| s.allocations).collect::<Vec<_>>(),
+                    "hosts": self.service.as_ref().map(|s| s.hosts()),
+                    "packets_in": total.rx_packets,
+                    "packets_forwarded": total.forwarded_packets,
+                    "packets_dropped": total.drops.iter().sum::<u64>(),
+                    "allocations_created": total.allocations_created,
+                });
+                let mut out = vec![Status::Ok as u8];
+                out.extend_from_slice(status.to_string().as_bytes());
+                out
+            }
             Some(OP_STATS) if req.len() == 1 => {
                 let stats = self.relay.stats().await;
                 let mut out = vec![Status::Ok as u8];
@@ -475,5 +522,28 @@ impl ControlClient {
     pub fn stats(&mut self) -> Result<String, ClientError> {
         let b = self.call(&[OP_STATS])?;
         Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// Every live allocation, as JSON (`[{"id", "role", "host", "age_ms", "idle_ms", "bound",
+    /// "peers", "bytes_relayed"}]`).
+    pub fn allocations(&mut self) -> Result<String, ClientError> {
+        let b = self.call(&[OP_LIST])?;
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// The relay's state as JSON (draining, shards, allocations, packet totals).
+    pub fn status(&mut self) -> Result<String, ClientError> {
+        let b = self.call(&[OP_STATUS])?;
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// Stops taking new allocations (live sessions keep working; `/readyz` turns 503).
+    pub fn drain(&mut self) -> Result<(), ClientError> {
+        self.call(&[OP_DRAIN]).map(|_| ())
+    }
+
+    /// Takes new allocations again.
+    pub fn undrain(&mut self) -> Result<(), ClientError> {
+        self.call(&[OP_UNDRAIN]).map(|_| ())
     }
 }

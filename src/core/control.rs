@@ -36,6 +36,23 @@ pub enum Control {
     /// `joiner: None`, every joiner that has not connected: a leaked join code cannot keep a
     /// session's joiner slots full.
     RemoveJoiners { host: AllocationId, key: Box<[u8; KEY_LEN]>, joiner: Option<AllocationId> },
+    /// Every live allocation of the shard, for operators (`ferry ctl allocations`).
+    List,
+}
+
+/// One live allocation as an operator sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AllocationInfo {
+    pub id: String,
+    pub role: &'static str,
+    /// The host of a joiner.
+    pub host: Option<String>,
+    pub age_ms: u64,
+    pub idle_ms: u64,
+    pub bound: Option<std::net::SocketAddr>,
+    /// Linked peers (a host's count; 1 for a connected joiner).
+    pub peers: u16,
+    pub bytes_relayed: u64,
 }
 
 /// A new allocation: everything the API hands to the client.
@@ -52,6 +69,7 @@ pub enum ControlReply {
     Released,
     /// How many joiners were removed.
     Removed(u32),
+    List(Vec<AllocationInfo>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -156,6 +156,7 @@ impl Core {
             Ok(f) => f,
             Err(code) => return self.error(now, src, buf, from, code),
         };
+        self.table.slots[f as usize].rx_bytes += buf.len() as u64;
         match self.peer(now, &to) {
             Some(t) if self.linked(f, t) => {
                 let len = buf.len() as u32;

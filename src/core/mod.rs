@@ -27,7 +27,7 @@ mod stats;
 mod stun;
 mod table;
 
-pub use control::{Control, ControlError, ControlReply, Created, Entropy, Event};
+pub use control::{AllocationInfo, Control, ControlError, ControlReply, Created, Entropy, Event};
 pub use limiter::Rate;
 pub use policy::{canonical_ip, AddressPolicy, Cidr};
 pub use stats::{DropReason, ReleaseReason, Stats};
@@ -213,7 +213,34 @@ impl Core {
             Control::RemoveJoiners { host, key, joiner } => {
                 self.remove_joiners(now, &host, &key, joiner).map(ControlReply::Removed)
             }
+            Control::List => Ok(ControlReply::List(self.list(now))),
         }
+    }
+
+    fn list(&self, now: Millis) -> Vec<AllocationInfo> {
+        let slots = &self.table.slots;
+        slots
+            .iter()
+            .filter(|s| s.state == table::SlotState::Live)
+            .map(|s| {
+                let (role, host, peers) = match s.role {
+                    Role::Host { linked, .. } => ("host", None, linked),
+                    Role::Joiner { host, linked, .. } => {
+                        ("joiner", Some(slots[host as usize].id.to_string()), linked as u16)
+                    }
+                };
+                AllocationInfo {
+                    id: s.id.to_string(),
+                    role,
+                    host,
+                    age_ms: now.saturating_sub(s.created),
+                    idle_ms: now.saturating_sub(s.last_seen),
+                    bound: s.bound,
+                    peers,
+                    bytes_relayed: s.rx_bytes,
+                }
+            })
+            .collect()
     }
 
     fn remove_joiners(

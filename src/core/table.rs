@@ -45,6 +45,8 @@ pub(crate) struct Slot {
     pub next_free: u32,
     /// Bytes that may still be relayed to `bound` before its client speaks; [`CONFIRMED`] once it has.
     pub budget: u32,
+    /// Bytes of RELAY traffic this allocation's client has sent (for operators' listings).
+    pub rx_bytes: u64,
 }
 
 /// `Slot::budget` of an address that has sent something other than a BIND.
@@ -193,6 +195,7 @@ impl Table {
                 state: SlotState::Vacant,
                 next_free: NIL,
                 budget: 0,
+                rx_bytes: 0,
             });
             self.keys.push(key);
             (self.slots.len() - 1) as u32
@@ -215,6 +218,7 @@ impl Table {
             state: SlotState::Live,
             next_free: NIL,
             budget: 0,
+            rx_bytes: 0,
         };
         self.keys[idx as usize] = key;
         self.live += 1;
