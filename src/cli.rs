@@ -290,6 +290,12 @@ pub struct ServeArgs {
     /// Claim naming the caller's environment [default: environment_id].
     #[arg(long, env = "FERRY_JWT_ENVIRONMENT_CLAIM")]
     pub jwt_environment_claim: Option<String>,
+    /// HTTPS for the API: certificate chain (PEM), reloaded when it changes or on SIGHUP.
+    #[arg(long, env = "FERRY_API_TLS_CERT")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// HTTPS for the API: private key (PEM).
+    #[arg(long, env = "FERRY_API_TLS_KEY")]
+    pub api_tls_key: Option<PathBuf>,
     /// Allow anonymous API clients on a non-loopback listener [default: false].
     #[arg(long, env = "FERRY_API_ANONYMOUS", value_parser = bool_arg)]
     pub api_anonymous: Option<bool>,
@@ -397,6 +403,8 @@ struct FileConfig {
     jwt_project_claim: Option<String>,
     jwt_environment_claim: Option<String>,
     api_anonymous: Option<FileBool>,
+    api_tls_cert: Option<PathBuf>,
+    api_tls_key: Option<PathBuf>,
     tenants: Option<Vec<String>>,
     tenant_max_allocations: Option<u32>,
     tenant_allocations_per_sec: Option<u32>,
@@ -479,6 +487,8 @@ impl ServeArgs {
             tenant_allocations_per_sec
         );
         c.jwt_secret_file = self.jwt_secret_file.or(file.jwt_secret_file);
+        c.api_tls_cert = self.api_tls_cert.or(file.api_tls_cert);
+        c.api_tls_key = self.api_tls_key.or(file.api_tls_key);
         c.jwt_public_key_file = self.jwt_public_key_file.or(file.jwt_public_key_file);
         c.jwt_jwks_file = self.jwt_jwks_file.or(file.jwt_jwks_file);
         c.jwt_jwks_url = self.jwt_jwks_url.or(file.jwt_jwks_url);

@@ -141,6 +141,9 @@ pub struct Config {
     pub jwt_leeway: Duration,
     pub jwt_project_claim: String,
     pub jwt_environment_claim: String,
+    /// HTTPS for the API: certificate chain and private key (PEM), reloaded when they change.
+    pub api_tls_cert: Option<PathBuf>,
+    pub api_tls_key: Option<PathBuf>,
     /// Allow anonymous API clients on a non-loopback listener (LAN parties, development).
     pub api_anonymous: bool,
     /// Tenants (`project/environment`) that get their own metric labels; others count as "other".
@@ -235,6 +238,8 @@ impl Config {
             jwt_project_claim: "project_id".into(),
             jwt_environment_claim: "environment_id".into(),
             api_anonymous: false,
+            api_tls_cert: None,
+            api_tls_key: None,
             tenants: Vec::new(),
             tenant_max_allocations: 0,
             tenant_allocations_per_sec: 0,
@@ -302,6 +307,11 @@ impl Config {
                     self.api_listen
                 ),
             ));
+        }
+        match (&self.api_tls_cert, &self.api_tls_key) {
+            (Some(_), None) => return Err(err("api_tls_key", "required with api_tls_cert")),
+            (None, Some(_)) => return Err(err("api_tls_cert", "required with api_tls_key")),
+            _ => {}
         }
         if let Some(u) = &self.jwt_jwks_url {
             if !(u.starts_with("https://") || u.starts_with("http://")) {

@@ -26,6 +26,8 @@ pub struct Running {
     pub control_addr: Option<SocketAddr>,
     pub service: Arc<AllocationService>,
     pub state: ApiState,
+    /// The API's certificate, when it serves HTTPS (reloaded on SIGHUP or when its files change).
+    pub tls: Option<Arc<crate::control::tls::CertStore>>,
     relay: RelayHandle,
     stop_api: watch::Sender<bool>,
     api_task: tokio::task::JoinHandle<io::Result<()>>,
@@ -310,8 +312,42 @@ impl Running {
             header_timeout: cfg.api_header_timeout,
         };
         let http_stats = state.http.clone();
-        let api_task =
-            tokio::spawn(crate::control::http::serve(listener, app, http_limits, http_stats, clock, stop_rx));
+        let tls = match (&cfg.api_tls_cert, &cfg.api_tls_key) {
+            (Some(cert), Some(key)) => {
+                let store = crate::control::tls::CertStore::open(cert.clone(), key.clone()).map_err(|m| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("invalid configuration `api_tls_cert`: {m}"),
+                    )
+                })?;
+                let watched = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(crate::control::tls::WATCH_EVERY).await;
+                        let w = watched.clone();
+                        let _ = tokio::task::spawn_blocking(move || w.reload_if_changed()).await;
+                    }
+                }));
+                Some(store)
+            }
+            _ => None,
+        };
+        if tls.is_none() && !cfg.api_listen.ip().is_loopback() && !anonymous {
+            tracing::warn!(
+                "the API is not on loopback and speaks plain HTTP: bearer tokens cross the network in clear text; \
+                 set api_tls_cert/api_tls_key or put a TLS-terminating proxy in front"
+            );
+        }
+        let acceptor = tls.as_ref().map(|s| tokio_rustls::TlsAcceptor::from(s.server_config()));
+        let api_task = tokio::spawn(crate::control::http::serve(
+            listener,
+            app,
+            http_limits,
+            http_stats,
+            clock,
+            acceptor,
+            stop_rx,
+        ));
         tracing::info!(
             api = %api_addr,
             relay = %relay_addr,
@@ -322,6 +358,7 @@ impl Running {
             gso = cfg.gso,
             stun = cfg.stun,
             api_auth = %auth_mode,
+            api_tls = tls.is_some(),
             api_max_connections = api_cap,
             open_files_limit = nofile,
             region = %cfg.region,
@@ -333,6 +370,7 @@ impl Running {
             control_addr,
             service,
             state,
+            tls,
             relay,
             stop_api,
             api_task,
@@ -340,6 +378,21 @@ impl Running {
             tasks,
             _port_claim: port_claim,
         })
+    }
+
+    /// SIGHUP: loads the API's certificate again (the configuration file's other keys need a
+    /// restart; what can change live is listed in README).
+    pub fn reload(&self) {
+        if let Some(t) = &self.tls {
+            match t.reload() {
+                Ok(()) => tracing::info!("SIGHUP: API certificate reloaded"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "SIGHUP: API certificate not reloaded; the old one stays")
+                }
+            }
+        } else {
+            tracing::info!("SIGHUP: nothing to reload");
+        }
     }
 
     /// Whether every shard answers a stats round trip within `within`.
@@ -387,6 +440,7 @@ pub async fn serve_until_signal(cfg: Config) -> io::Result<()> {
     // the default action. A signal that arrives during start-up is kept and handled right after.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let running = Running::start(cfg).await?;
     let notifier = crate::notify::Notifier::from_env().map(Arc::new);
     if let Some(n) = &notifier {
@@ -412,9 +466,12 @@ pub async fn serve_until_signal(cfg: Config) -> io::Result<()> {
             });
         }
     }
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => running.reload(),
+        }
     }
     running.start_draining();
     if let Some(n) = &notifier {

@@ -217,6 +217,7 @@ pub async fn serve(
     limits: HttpLimits,
     stats: Arc<HttpStats>,
     clock: Clock,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let conns = Arc::new(Conns { table: Mutex::new(Table::default()), limits });
@@ -260,37 +261,19 @@ pub async fn serve(
         let router = router.clone();
         let mut closing = closing_rx.clone();
         let conns = conns.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc_conn = conn.clone();
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                let c = svc_conn.clone();
-                let has_body = req.headers().get(hyper::header::CONTENT_LENGTH).is_some_and(|v| v != "0")
-                    || req.headers().contains_key(hyper::header::TRANSFER_ENCODING);
-                // A request without a body is complete once its headers are in; one with a body
-                // is complete when its handler has read it.
-                c.busy.store(!has_body, Ordering::Relaxed);
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req.extensions_mut().insert(Progress(c.clone()));
-                let fut = router.clone().oneshot(req.map(axum::body::Body::new));
-                async move {
-                    let r = fut.await;
-                    c.since.store(clock.now(), Ordering::Relaxed);
-                    c.busy.store(false, Ordering::Relaxed);
-                    r
-                }
-            });
-            let http = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(http);
-            tokio::select! {
-                _ = http.as_mut() => {}
-                _ = conn.shed.notified() => {}
-                _ = until_set(&mut closing) => {
-                    http.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+            match tls {
+                None => serve_conn(stream, peer, router, conn.clone(), limits, clock, &mut closing).await,
+                Some(acceptor) => {
+                    // The TLS handshake counts against the header deadline, like a slow request.
+                    let accepted = tokio::select! {
+                        r = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)) => r.ok().and_then(Result::ok),
+                        _ = conn.shed.notified() => None,
+                    };
+                    if let Some(tls_stream) = accepted {
+                        serve_conn(tls_stream, peer, router, conn.clone(), limits, clock, &mut closing).await;
+                    }
                 }
             }
             conns.table().remove(id);
@@ -298,6 +281,52 @@ pub async fn serve(
     }
     let _ = closing_tx.send(true);
     Ok(())
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) until it ends, is shed, or the server stops.
+async fn serve_conn<S>(
+    stream: S,
+    peer: SocketAddr,
+    router: Router,
+    conn: Arc<Conn>,
+    limits: HttpLimits,
+    clock: Clock,
+    closing: &mut watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc_conn = conn.clone();
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        let c = svc_conn.clone();
+        let has_body = req.headers().get(hyper::header::CONTENT_LENGTH).is_some_and(|v| v != "0")
+            || req.headers().contains_key(hyper::header::TRANSFER_ENCODING);
+        // A request without a body is complete once its headers are in; one with a body
+        // is complete when its handler has read it.
+        c.busy.store(!has_body, Ordering::Relaxed);
+        req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(Progress(c.clone()));
+        let fut = router.clone().oneshot(req.map(axum::body::Body::new));
+        async move {
+            let r = fut.await;
+            c.since.store(clock.now(), Ordering::Relaxed);
+            c.busy.store(false, Ordering::Relaxed);
+            r
+        }
+    });
+    let http = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(http);
+    tokio::select! {
+        _ = http.as_mut() => {}
+        _ = conn.shed.notified() => {}
+        _ = until_set(closing) => {
+            http.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+        }
+    }
 }
 
 /// The peer address, for handlers (`ConnectInfo` is inserted per request by [`serve`]).

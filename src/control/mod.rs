@@ -11,5 +11,6 @@ pub mod ratelimit;
 pub mod relay;
 pub mod service;
 pub mod socket;
+pub mod tls;
 
 pub use ferry_proto::model;

@@ -50,12 +50,13 @@ pub struct ApiClient {
     base: String,
     token: Option<String>,
     timeout: Duration,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl ApiClient {
     /// `base` like `http://127.0.0.1:7880`.
     pub fn new(base: impl Into<String>) -> Self {
-        Self { base: base.into(), token: None, timeout: Duration::from_secs(10) }
+        Self { base: base.into(), token: None, timeout: Duration::from_secs(10), ca_file: None }
     }
 
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
@@ -63,10 +64,25 @@ impl ApiClient {
         self
     }
 
+    /// Trusts the certificates in this PEM file for an `https://` API instead of the built-in
+    /// roots (a private CA, or a self-signed certificate in development).
+    pub fn with_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
     /// Sends a raw request (for callers testing the API itself).
     pub fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<http::HttpResponse, ApiError> {
-        http::request(&self.base, method, path, body, self.token.as_deref(), self.timeout)
-            .map_err(ApiError::Io)
+        http::request_with(
+            &self.base,
+            method,
+            path,
+            body,
+            self.token.as_deref(),
+            self.timeout,
+            self.ca_file.as_deref(),
+        )
+        .map_err(ApiError::Io)
     }
 
     fn call<B: Serialize, T: DeserializeOwned>(

@@ -1,8 +1,11 @@
 //! A minimal blocking HTTP/1.1 client for the allocations API: one request per connection, JSON
-//! bodies, `Content-Length` or chunked responses. Enough for the SDK without an HTTP stack.
+//! bodies, `Content-Length` or chunked responses, `http://` or `https://` (rustls, with Mozilla's
+//! roots or a CA bundle the caller names). Enough for the SDK without an HTTP stack.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Status and body of a response.
@@ -24,13 +27,67 @@ fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Splits `http://host:port/prefix` into (`host:port`, `/prefix`).
-fn split_base(base: &str) -> io::Result<(&str, &str)> {
-    let rest = base
-        .strip_prefix("http://")
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "only http:// API URLs are supported"))?;
+/// Splits `http(s)://host:port/prefix` into (TLS?, `host:port`, `/prefix`).
+fn split_base(base: &str) -> io::Result<(bool, &str, &str)> {
+    let (tls, rest) = match (base.strip_prefix("https://"), base.strip_prefix("http://")) {
+        (Some(r), _) => (true, r),
+        (None, Some(r)) => (false, r),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "API URLs start with http:// or https://",
+            ))
+        }
+    };
     let (authority, prefix) = rest.find('/').map_or((rest, ""), |i| (&rest[..i], &rest[i..]));
-    Ok((authority, prefix.trim_end_matches('/')))
+    Ok((tls, authority, prefix.trim_end_matches('/')))
+}
+
+/// The host part of `host:port` (brackets of an IPv6 literal removed), for TLS server names.
+fn host_of(authority: &str) -> &str {
+    match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    }
+}
+
+fn tls_config(ca_file: Option<&Path>) -> io::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(p) => {
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(p)
+                .map_err(|e| bad(format!("{}: {e}", p.display())))?;
+            for c in certs {
+                roots
+                    .add(c.map_err(|e| bad(format!("{}: {e}", p.display())))?)
+                    .map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// Reads until the peer closes; a TLS peer that closes without `close_notify` ends the answer too.
+fn read_all(s: &mut impl Read) -> io::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(raw),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => return Ok(raw),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn dechunk(mut b: &[u8]) -> io::Result<Vec<u8>> {
@@ -52,7 +109,7 @@ fn dechunk(mut b: &[u8]) -> io::Result<Vec<u8>> {
     }
 }
 
-/// Sends one request and reads the whole response.
+/// Sends one request and reads the whole response (`https://` trusts Mozilla's roots).
 pub fn request(
     base: &str,
     method: &str,
@@ -61,12 +118,32 @@ pub fn request(
     token: Option<&str>,
     timeout: Duration,
 ) -> io::Result<HttpResponse> {
-    let (authority, prefix) = split_base(base)?;
-    let addr = authority
+    request_with(base, method, path, body, token, timeout, None)
+}
+
+/// [`request`], trusting the certificates in `ca_file` (PEM) for `https://` instead of the
+/// built-in roots.
+pub fn request_with(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    token: Option<&str>,
+    timeout: Duration,
+    ca_file: Option<&Path>,
+) -> io::Result<HttpResponse> {
+    let (tls, authority, prefix) = split_base(base)?;
+    let default_port = if tls { 443 } else { 80 };
+    let target = if authority.starts_with('[') && authority.ends_with(']') || !authority.contains(':') {
+        format!("{authority}:{default_port}")
+    } else {
+        authority.to_string()
+    };
+    let addr = target
         .to_socket_addrs()?
         .next()
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {authority}")))?;
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let mut req = format!("{method} {prefix}{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
@@ -78,10 +155,21 @@ pub fn request(
         req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    s.write_all(body)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    let raw = if tls {
+        let name = rustls::pki_types::ServerName::try_from(host_of(authority).to_string())
+            .map_err(|e| bad(format!("{authority}: {e}")))?;
+        let conn =
+            rustls::ClientConnection::new(tls_config(ca_file)?, name).map_err(|e| bad(e.to_string()))?;
+        let mut t = rustls::StreamOwned::new(conn, s);
+        t.write_all(req.as_bytes())?;
+        t.write_all(body)?;
+        read_all(&mut t)?
+    } else {
+        let mut s = s;
+        s.write_all(req.as_bytes())?;
+        s.write_all(body)?;
+        read_all(&mut s)?
+    };
     parse_response(&raw)
 }
 
@@ -116,9 +204,13 @@ mod tests {
 
     #[test]
     fn base_urls_and_chunks() {
-        assert_eq!(split_base("http://127.0.0.1:7880").unwrap(), ("127.0.0.1:7880", ""));
-        assert_eq!(split_base("http://h:1/api/").unwrap(), ("h:1", "/api"));
-        assert!(split_base("https://h").is_err());
+        assert_eq!(split_base("http://127.0.0.1:7880").unwrap(), (false, "127.0.0.1:7880", ""));
+        assert_eq!(split_base("http://h:1/api/").unwrap(), (false, "h:1", "/api"));
+        assert_eq!(split_base("https://relay.example.com/v1").unwrap(), (true, "relay.example.com", "/v1"));
+        assert!(split_base("ftp://h").is_err());
+        assert_eq!(host_of("[::1]:443"), "::1");
+        assert_eq!(host_of("relay.example.com:7880"), "relay.example.com");
+        assert_eq!(host_of("relay.example.com"), "relay.example.com");
         assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(), b"abcde");
         assert!(dechunk(b"5\r\nab").is_err());
     }

@@ -25,6 +25,9 @@ pub struct CommonArgs {
     /// Bearer token, if the API requires one.
     #[arg(long = "api-token", env = "FERRY_TOKEN")]
     pub api_token: Option<String>,
+    /// CA bundle (PEM) to trust for an https:// API instead of the built-in roots.
+    #[arg(long = "api-ca-file", env = "FERRY_API_CA_FILE")]
+    pub api_ca_file: Option<std::path::PathBuf>,
     /// Print one JSON object per event instead of text.
     #[arg(long)]
     pub json: bool,
@@ -66,7 +69,10 @@ pub struct JoinArgs {
 pub const EXIT_HOST_LEFT: u8 = 3;
 
 fn api(c: &CommonArgs) -> ApiClient {
-    let a = ApiClient::new(c.api.clone());
+    let mut a = ApiClient::new(c.api.clone());
+    if let Some(ca) = &c.api_ca_file {
+        a = a.with_ca_file(ca.clone());
+    }
     match &c.api_token {
         Some(t) => a.with_token(t.clone()),
         None => a,
