@@ -142,7 +142,7 @@ fn io_arg(s: &str) -> Result<IoBackend, String> {
     }
 }
 
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 pub struct ServeArgs {
     /// TOML file with any of the keys below (underscores instead of dashes).
     #[arg(long, env = "FERRY_CONFIG")]

@@ -28,6 +28,7 @@ pub enum IoBackend {
 /// At what level allocation lifecycle events (created, bound, connected, released) are logged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[repr(u8)]
 pub enum LifecycleLog {
     Info,
     Debug,

@@ -60,6 +60,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => {
+            let reload_from = (*args).clone();
             let cfg = match args.into_config() {
                 Ok(c) => c,
                 Err(e) => {
@@ -80,7 +81,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(ferry::serve::serve_until_signal(cfg)) {
+            match rt.block_on(ferry::serve::serve_until_signal(cfg, Some(reload_from))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ferry: {e}");

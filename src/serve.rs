@@ -28,6 +28,8 @@ pub struct Running {
     pub state: ApiState,
     /// The API's certificate, when it serves HTTPS (reloaded on SIGHUP or when its files change).
     pub tls: Option<Arc<crate::control::tls::CertStore>>,
+    /// The configuration in force (a reload compares against it).
+    config: std::sync::Mutex<Config>,
     relay: RelayHandle,
     stop_api: watch::Sender<bool>,
     api_task: tokio::task::JoinHandle<io::Result<()>>,
@@ -106,6 +108,72 @@ fn api_connection_cap(cfg: &Config, nofile: usize) -> io::Result<usize> {
         )),
         None => Ok(fit.min(4096)),
     }
+}
+
+fn api_limits(cfg: &Config, jwt: Option<crate::control::jwt::JwtVerifier>, anonymous: bool) -> ApiLimits {
+    ApiLimits {
+        jwt,
+        anonymous,
+        tokens: cfg.api_tokens.clone(),
+        requests_per_sec: cfg.api_rate_limit,
+        join_failures_per_ip_per_min: cfg.join_failures_per_ip_per_min,
+        join_failures_global_per_sec: cfg.join_failures_global_per_sec,
+        join_failures_per_token_per_min: cfg.join_failures_per_token_per_min,
+        auth_failures_per_ip_per_min: cfg.auth_failures_per_ip_per_min,
+        trusted_proxies: cfg.trusted_proxies.clone(),
+        body_timeout: cfg.api_body_timeout,
+    }
+}
+
+/// Keys a reload cannot change while the relay runs (sockets, shards, identity, key material).
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    macro_rules! check {
+        ($($k:ident),*) => { $(
+            if format!("{:?}", old.$k) != format!("{:?}", new.$k) { changed.push(stringify!($k)); }
+        )* };
+    }
+    check!(
+        api_listen,
+        relay_listen,
+        shards,
+        pin_shards,
+        kernel_steering,
+        io,
+        gso,
+        control_socket,
+        control_listen,
+        control_secret,
+        advertise,
+        advertise_port,
+        advertise_ipv4,
+        region,
+        max_allocations,
+        max_connections_cap,
+        join_code_length,
+        jwt_algorithm,
+        jwt_secret_file,
+        jwt_public_key_file,
+        jwt_jwks_file,
+        jwt_jwks_url,
+        jwt_jwks_ca_file,
+        jwt_issuer,
+        jwt_audience,
+        jwt_leeway,
+        jwt_project_claim,
+        jwt_environment_claim,
+        api_max_connections,
+        api_max_connections_per_ip,
+        api_header_timeout,
+        control_max_connections,
+        log_format,
+        drain_timeout,
+        api_tls_cert,
+        api_tls_key,
+        tenants,
+        tenant_allocations_per_sec
+    );
+    changed
 }
 
 fn with_context(e: io::Error, what: &str, addr: impl std::fmt::Display) -> io::Error {
@@ -287,18 +355,7 @@ impl Running {
                 if a { " + anonymous" } else { "" }
             ),
         };
-        let limits = ApiLimits {
-            jwt,
-            anonymous,
-            tokens: cfg.api_tokens.clone(),
-            requests_per_sec: cfg.api_rate_limit,
-            join_failures_per_ip_per_min: cfg.join_failures_per_ip_per_min,
-            join_failures_global_per_sec: cfg.join_failures_global_per_sec,
-            join_failures_per_token_per_min: cfg.join_failures_per_token_per_min,
-            auth_failures_per_ip_per_min: cfg.auth_failures_per_ip_per_min,
-            trusted_proxies: cfg.trusted_proxies.clone(),
-            body_timeout: cfg.api_body_timeout,
-        };
+        let limits = api_limits(&cfg, jwt, anonymous);
         let state = ApiState::new(service.clone(), limits, clock);
         let listener = tokio::net::TcpListener::bind(cfg.api_listen)
             .await
@@ -371,6 +428,7 @@ impl Running {
             service,
             state,
             tls,
+            config: std::sync::Mutex::new(cfg),
             relay,
             stop_api,
             api_task,
@@ -380,8 +438,92 @@ impl Running {
         })
     }
 
-    /// SIGHUP: loads the API's certificate again (the configuration file's other keys need a
-    /// restart; what can change live is listed in README).
+    /// Applies a new configuration to the running relay: what can change live does (tokens, rate
+    /// and join limits, trusted proxies, anonymous access, timeouts, deny list, unconfirmed
+    /// budget, STUN, lifecycle logging, tenant limits, the certificate); a changed key that
+    /// needs a restart is named in a warning and left as it was. Live sessions keep relaying.
+    pub async fn apply_config(&self, mut new: Config) -> Vec<&'static str> {
+        let old = self.config.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if new.advertise_port == 0 || new.relay_listen.port() == 0 {
+            // Derived from the bound port at start-up, as before.
+            new.advertise_port = old.advertise_port;
+        }
+        let refused = restart_only_changes(&old, &new);
+        for key in &refused {
+            tracing::warn!(key, "reload: `{key}` cannot change while the relay runs; restart to apply it");
+        }
+        let ms = |d: Duration| d.as_millis() as u64;
+        let shards = self
+            .relay
+            .reconfigure(crate::core::Reconfig {
+                policy: AddressPolicy::new(&own_addrs(self.relay_addr), new.deny_sources.clone()),
+                unbound_timeout: ms(new.unbound_timeout),
+                idle_timeout: ms(new.idle_timeout),
+                host_alone_timeout: ms(new.host_alone_timeout),
+                rebind_quiet: ms(new.rebind_quiet),
+                unconfirmed_budget: new.unconfirmed_budget,
+                stun: new.stun,
+            })
+            .await;
+        let current = self.state.limits();
+        let anonymous = new.api_anonymous || (new.api_tokens.is_empty() && current.jwt.is_none());
+        self.state.set_limits(api_limits(&new, current.jwt.clone(), anonymous));
+        self.service.live.set(new.log_lifecycle, new.log_lifecycle_sample, new.tenant_max_allocations);
+        self.reload();
+        tracing::info!(shards, refused = refused.len(), "configuration reloaded");
+        // Keep the old values of what was refused, so the next reload compares like with like.
+        let mut kept = new;
+        for key in &refused {
+            macro_rules! keep {
+                ($($k:ident),*) => { $( if *key == stringify!($k) { kept.$k = old.$k.clone(); } )* };
+            }
+            keep!(
+                api_listen,
+                relay_listen,
+                shards,
+                pin_shards,
+                kernel_steering,
+                io,
+                gso,
+                control_socket,
+                control_listen,
+                control_secret,
+                advertise,
+                advertise_port,
+                advertise_ipv4,
+                region,
+                max_allocations,
+                max_connections_cap,
+                join_code_length,
+                jwt_algorithm,
+                jwt_secret_file,
+                jwt_public_key_file,
+                jwt_jwks_file,
+                jwt_jwks_url,
+                jwt_jwks_ca_file,
+                jwt_issuer,
+                jwt_audience,
+                jwt_leeway,
+                jwt_project_claim,
+                jwt_environment_claim,
+                api_max_connections,
+                api_max_connections_per_ip,
+                api_header_timeout,
+                control_max_connections,
+                log_format,
+                drain_timeout,
+                api_tls_cert,
+                api_tls_key,
+                tenants,
+                tenant_allocations_per_sec
+            );
+        }
+        kept.relay_secret = old.relay_secret;
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = kept;
+        refused
+    }
+
+    /// Loads the API's certificate again.
     pub fn reload(&self) {
         if let Some(t) = &self.tls {
             match t.reload() {
@@ -390,8 +532,6 @@ impl Running {
                     tracing::warn!(error = %e, "SIGHUP: API certificate not reloaded; the old one stays")
                 }
             }
-        } else {
-            tracing::info!("SIGHUP: nothing to reload");
         }
     }
 
@@ -433,7 +573,7 @@ impl Running {
 /// Runs until SIGINT/SIGTERM. The first signal drains: `/readyz` turns 503 and new allocations
 /// are refused while live sessions go on, until none is left or `drain_timeout` passes. A second
 /// signal stops at once.
-pub async fn serve_until_signal(cfg: Config) -> io::Result<()> {
+pub async fn serve_until_signal(cfg: Config, reload_from: Option<crate::cli::ServeArgs>) -> io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let drain = cfg.drain_timeout;
     // Handlers first: from the moment "ferry serving" is logged, a signal means "drain", never
@@ -470,7 +610,13 @@ pub async fn serve_until_signal(cfg: Config) -> io::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => running.reload(),
+            _ = hup.recv() => match reload_from.clone().map(|a| a.into_config()) {
+                Some(Ok(new)) => {
+                    running.apply_config(new).await;
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "reload refused: the configuration is not valid; nothing changed"),
+                None => running.reload(),
+            },
         }
     }
     running.start_draining();

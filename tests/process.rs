@@ -669,3 +669,76 @@ fn service_manager_hears_ready_watchdog_and_stopping_in_order() {
     assert!(child.wait().unwrap().success());
     std::fs::remove_file(&path).ok();
 }
+
+#[test]
+fn sighup_reloads_what_can_change_live_without_dropping_sessions() {
+    let cfg = std::env::temp_dir().join(format!("ferry-reload-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "api_rate_limit = 1000\n").unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--relay-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--config", cfg.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
+    let serving: serde_json::Value = lines
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(&l)
+                .ok()
+                .filter(|v| v["fields"]["message"] == "ferry serving")
+        })
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines {
+            let _ = tx.send(l);
+        }
+    });
+    let p = Proc { child, api: format!("http://{}", serving["fields"]["api"].as_str().unwrap()) };
+    let api = ApiClient::new(p.api.clone());
+    let h = api.allocate(2, None).unwrap();
+    let code = api.join_code(&h.allocation_id).unwrap();
+    let j = api.join(&code).unwrap();
+    let (mut host, mut peer) = (RelayClient::new(&h).unwrap(), RelayClient::new(&j.allocation).unwrap());
+    host.bind().unwrap();
+    peer.bind().unwrap();
+    let hid = peer.connect_b64(&j.host_connection_data).unwrap();
+
+    // Tokens become required, a timeout changes, and the region changes (refused live).
+    std::fs::write(
+        &cfg,
+        "api_rate_limit = 1000\napi_tokens = [\"reloaded-token-0123456789\"]\nidle_timeout = \"20s\"\nregion = \"eu-west\"\n",
+    )
+    .unwrap();
+    signal(&p, libc::SIGHUP);
+    let mut log = Vec::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
+        let done = l.contains("configuration reloaded");
+        log.push(l);
+        if done {
+            break;
+        }
+    }
+    let text = log.join("\n");
+    assert!(text.contains("configuration reloaded"), "{text}");
+    assert!(text.contains("`region`") && text.contains("restart"), "the refused key is named: {text}");
+    assert!(!text.contains("advertise_port"), "derived values are not reported as changes: {text}");
+    match api.allocate(1, None) {
+        Err(ferry::client::ApiError::Problem(p)) => assert_eq!(p.status, 401, "tokens are required now"),
+        other => panic!("{other:?}"),
+    }
+    assert!(api.clone().with_token("reloaded-token-0123456789").allocate(1, None).is_ok());
+    // The live session never noticed.
+    peer.send(&hid, b"after the reload").unwrap();
+    assert_eq!(host.recv_relay(Duration::from_secs(3)).unwrap().unwrap().1, b"after the reload");
+    std::fs::remove_file(&cfg).ok();
+}

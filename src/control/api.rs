@@ -43,7 +43,7 @@ pub struct ApiState {
     pub service: Arc<AllocationService>,
     pub metrics: Arc<ApiMetrics>,
     pub http: Arc<super::http::HttpStats>,
-    pub(crate) limits: Arc<ApiLimits>,
+    limits: Arc<std::sync::RwLock<Arc<ApiLimits>>>,
     limiters: Arc<Mutex<Limiters>>,
     pub(crate) clock: Clock,
 }
@@ -55,9 +55,28 @@ impl ApiState {
             metrics: Arc::new(ApiMetrics::default()),
             http: Arc::new(super::http::HttpStats::default()),
             limiters: Arc::new(Mutex::new(Limiters::new(&limits))),
-            limits: Arc::new(limits),
+            limits: Arc::new(std::sync::RwLock::new(Arc::new(limits))),
             clock,
         }
+    }
+
+    /// The limits in force.
+    pub(crate) fn limits(&self) -> Arc<ApiLimits> {
+        self.limits.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the limits (a configuration reload). Budgets restart when their rates change.
+    pub fn set_limits(&self, new: ApiLimits) {
+        let old = self.limits();
+        let rates_changed =
+            (old.requests_per_sec, old.join_failures_per_ip_per_min, old.join_failures_global_per_sec)
+                != (new.requests_per_sec, new.join_failures_per_ip_per_min, new.join_failures_global_per_sec)
+                || (old.join_failures_per_token_per_min, old.auth_failures_per_ip_per_min)
+                    != (new.join_failures_per_token_per_min, new.auth_failures_per_ip_per_min);
+        if rates_changed {
+            *self.limiters() = Limiters::new(&new);
+        }
+        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     }
 
     pub(crate) fn limiters(&self) -> std::sync::MutexGuard<'_, Limiters> {
@@ -138,7 +157,7 @@ async fn json_body<T: DeserializeOwned>(
     progress: Option<Extension<Progress>>,
     body: Body,
 ) -> Result<T, Response> {
-    let bytes = match tokio::time::timeout(st.limits.body_timeout, to_bytes(body, MAX_BODY)).await {
+    let bytes = match tokio::time::timeout(st.limits().body_timeout, to_bytes(body, MAX_BODY)).await {
         Ok(Ok(b)) => {
             if let Some(Extension(p)) = progress {
                 p.request_complete();

@@ -171,7 +171,7 @@ pub async fn guard(
     next: Next,
 ) -> Response {
     let now = st.clock.now();
-    let limits = st.limits.clone();
+    let limits = st.limits();
     let ip = client_ip(peer.ip(), req.headers(), &limits.trusted_proxies);
     let presented = bearer(req.headers()).map(str::to_string);
     let mut caller = Caller { ip, token: None, subject: None, tenant: Default::default() };

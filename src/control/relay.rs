@@ -109,6 +109,17 @@ impl RelayHandle {
         }
     }
 
+    /// Applies live settings on every shard; how many shards took them.
+    pub async fn reconfigure(&self, r: crate::core::Reconfig) -> usize {
+        let mut n = 0;
+        for shard in 0..self.shards.len() {
+            if self.ask(shard, Control::Reconfigure(Box::new(r.clone()))).await.is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Every live allocation on every shard that answers.
     pub async fn list(&self) -> Vec<crate::core::AllocationInfo> {
         let mut out = Vec::new();

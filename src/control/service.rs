@@ -40,7 +40,7 @@ pub struct ServiceConfig {
 macro_rules! lifecycle {
     ($svc:expr, $id:expr, $($arg:tt)+) => {
         if $svc.sampled(&$id) {
-            match $svc.cfg.log_lifecycle {
+            match $svc.live.lifecycle() {
                 crate::config::LifecycleLog::Info => tracing::info!($($arg)+),
                 crate::config::LifecycleLog::Debug => tracing::debug!($($arg)+),
                 crate::config::LifecycleLog::Off => {}
@@ -103,12 +103,39 @@ impl From<RelayError> for ServiceError {
     }
 }
 
+/// Settings of the service that a configuration reload changes while it runs.
+#[derive(Debug, Default)]
+pub struct LiveSettings {
+    lifecycle: std::sync::atomic::AtomicU8,
+    sample: std::sync::atomic::AtomicU32,
+    tenant_max_allocations: std::sync::atomic::AtomicU32,
+}
+
+impl LiveSettings {
+    pub fn set(&self, lifecycle: crate::config::LifecycleLog, sample: u32, tenant_max: u32) {
+        self.lifecycle.store(lifecycle as u8, Ordering::Relaxed);
+        self.sample.store(sample, Ordering::Relaxed);
+        self.tenant_max_allocations.store(tenant_max, Ordering::Relaxed);
+    }
+
+    fn lifecycle(&self) -> crate::config::LifecycleLog {
+        use crate::config::LifecycleLog as L;
+        match self.lifecycle.load(Ordering::Relaxed) {
+            x if x == L::Info as u8 => L::Info,
+            x if x == L::Debug as u8 => L::Debug,
+            _ => L::Off,
+        }
+    }
+}
+
 pub struct AllocationService {
     relay: RelayHandle,
     codes: Mutex<JoinCodes>,
     cfg: ServiceConfig,
     draining: AtomicBool,
     tenant_rate: Mutex<KeyedLimiter<Tenant>>,
+    /// What a reload can change while running.
+    pub live: LiveSettings,
     /// Allocations created, by metric label (configured tenants, "default", "other").
     created: Mutex<std::collections::BTreeMap<String, u64>>,
     clock: crate::clock::Clock,
@@ -117,7 +144,10 @@ pub struct AllocationService {
 impl AllocationService {
     pub fn new(relay: RelayHandle, cfg: ServiceConfig) -> Arc<Self> {
         let rate = cfg.tenant_allocations_per_sec as f64;
+        let live = LiveSettings::default();
+        live.set(cfg.log_lifecycle, cfg.log_lifecycle_sample, cfg.tenant_max_allocations);
         Arc::new(Self {
+            live,
             relay,
             codes: Mutex::new(JoinCodes::default()),
             tenant_rate: Mutex::new(KeyedLimiter::new(rate, 1000.0, rate.max(1.0), 100_000)),
@@ -163,7 +193,7 @@ impl AllocationService {
     /// Whether `id`'s lifecycle is logged: one allocation in `log_lifecycle_sample`, chosen by
     /// random ID bytes, so a sampled allocation's whole story is in the log.
     fn sampled(&self, id: &AllocationId) -> bool {
-        let n = self.cfg.log_lifecycle_sample.max(1);
+        let n = self.live.sample.load(Ordering::Relaxed).max(1);
         n == 1 || u32::from_be_bytes([id.0[4], id.0[5], id.0[7], id.0[9]]) % n == 0
     }
 
@@ -214,7 +244,7 @@ impl AllocationService {
     }
 
     fn check_tenant_limits(&self, tenant: &Tenant) -> Result<(), ServiceError> {
-        let max = self.cfg.tenant_max_allocations;
+        let max = self.live.tenant_max_allocations.load(Ordering::Relaxed);
         if max > 0 && self.codes().hosts_of(tenant) >= max {
             return Err(ServiceError::TenantLimit(format!(
                 "this project and environment already has {max} live host allocations (tenant_max_allocations)"

@@ -38,6 +38,21 @@ pub enum Control {
     RemoveJoiners { host: AllocationId, key: Box<[u8; KEY_LEN]>, joiner: Option<AllocationId> },
     /// Every live allocation of the shard, for operators (`ferry ctl allocations`).
     List,
+    /// New values for what a configuration reload may change while sessions run.
+    Reconfigure(Box<Reconfig>),
+}
+
+/// The core settings a reload changes live. Timeouts apply to every allocation from the next
+/// check on; the source policy to the next BIND.
+#[derive(Clone, Debug)]
+pub struct Reconfig {
+    pub policy: super::AddressPolicy,
+    pub unbound_timeout: crate::clock::Millis,
+    pub idle_timeout: crate::clock::Millis,
+    pub host_alone_timeout: crate::clock::Millis,
+    pub rebind_quiet: crate::clock::Millis,
+    pub unconfirmed_budget: u32,
+    pub stun: bool,
 }
 
 /// One live allocation as an operator sees it.

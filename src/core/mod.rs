@@ -27,7 +27,7 @@ mod stats;
 mod stun;
 mod table;
 
-pub use control::{AllocationInfo, Control, ControlError, ControlReply, Created, Entropy, Event};
+pub use control::{AllocationInfo, Control, ControlError, ControlReply, Created, Entropy, Event, Reconfig};
 pub use limiter::Rate;
 pub use policy::{canonical_ip, AddressPolicy, Cidr};
 pub use stats::{DropReason, ReleaseReason, Stats};
@@ -214,6 +214,17 @@ impl Core {
                 self.remove_joiners(now, &host, &key, joiner).map(ControlReply::Removed)
             }
             Control::List => Ok(ControlReply::List(self.list(now))),
+            Control::Reconfigure(r) => {
+                let c = &mut self.cfg;
+                c.policy = r.policy;
+                c.unbound_timeout = r.unbound_timeout;
+                c.idle_timeout = r.idle_timeout;
+                c.host_alone_timeout = r.host_alone_timeout;
+                c.rebind_quiet = r.rebind_quiet;
+                c.unconfirmed_budget = r.unconfirmed_budget;
+                c.stun = r.stun;
+                Ok(ControlReply::Released)
+            }
         }
     }
 
