@@ -99,6 +99,8 @@ pub enum CtlCommand {
     Drain,
     /// Take new allocations again.
     Undrain,
+    /// Re-read the configuration and apply what can change live (as SIGHUP does).
+    Reload,
 }
 
 #[derive(Args, Debug)]

@@ -89,6 +89,10 @@ pub fn run(a: &CtlArgs) -> Result<(), String> {
             c.drain().map_err(e)?;
             println!("draining: no new allocations; live sessions keep working");
         }
+        CtlCommand::Reload => {
+            c.reload().map_err(e)?;
+            println!("reload requested: the relay's log says what changed");
+        }
         CtlCommand::Undrain => {
             c.undrain().map_err(e)?;
             println!("taking new allocations again");

@@ -107,6 +107,30 @@ pub fn render(shards: &[ShardStats], api: &BTreeMap<(String, u16), u64>, hosts: 
             let _ = writeln!(o, "ferry_io_total{{shard=\"{}\",kind=\"{kind}\"}} {v}", s.shard);
         }
     }
+    family(
+        &mut o,
+        "ferry_shard_busy_seconds_total",
+        "counter",
+        "Time each shard spent working (not waiting for datagrams).",
+    );
+    for s in shards {
+        let busy_ms = s.io.uptime_ms.saturating_sub(s.io.idle_ns / 1_000_000);
+        let _ = writeln!(
+            o,
+            "ferry_shard_busy_seconds_total{{shard=\"{}\"}} {:.3}",
+            s.shard,
+            busy_ms as f64 / 1000.0
+        );
+    }
+    family(&mut o, "ferry_shard_uptime_seconds", "gauge", "Time since each shard started.");
+    for s in shards {
+        let _ = writeln!(
+            o,
+            "ferry_shard_uptime_seconds{{shard=\"{}\"}} {:.3}",
+            s.shard,
+            s.io.uptime_ms as f64 / 1000.0
+        );
+    }
     family(&mut o, "ferry_api_requests_total", "counter", "API requests by route and status.");
     for ((route, status), v) in api {
         let _ = writeln!(o, "ferry_api_requests_total{{route=\"{route}\",status=\"{status}\"}} {v}");
@@ -193,6 +217,43 @@ pub fn render_tenants(rows: &[(String, u64, u64)]) -> String {
     family(&mut o, "ferry_tenant_allocations_total", "counter", "Host allocations created per tenant.");
     for (t, _, created) in rows {
         let _ = writeln!(o, "ferry_tenant_allocations_total{{tenant=\"{t}\"}} {created}");
+    }
+    o
+}
+
+/// A Prometheus histogram with fixed buckets (seconds), for API request durations.
+#[derive(Clone, Debug, Default)]
+pub struct Histogram {
+    counts: [u64; Histogram::BOUNDS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    pub const BOUNDS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5];
+
+    pub fn observe(&mut self, secs: f64) {
+        for (i, b) in Self::BOUNDS.iter().enumerate() {
+            if secs <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += secs;
+        self.count += 1;
+    }
+}
+
+/// Renders one histogram family, one series per label value.
+pub fn render_latency(name: &str, label: &str, hists: &BTreeMap<String, Histogram>) -> String {
+    let mut o = String::new();
+    family(&mut o, name, "histogram", "API request duration in seconds, by route.");
+    for (value, h) in hists {
+        for (i, b) in Histogram::BOUNDS.iter().enumerate() {
+            let _ = writeln!(o, "{name}_bucket{{{label}=\"{value}\",le=\"{b}\"}} {}", h.counts[i]);
+        }
+        let _ = writeln!(o, "{name}_bucket{{{label}=\"{value}\",le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(o, "{name}_sum{{{label}=\"{value}\"}} {}", h.sum);
+        let _ = writeln!(o, "{name}_count{{{label}=\"{value}\"}} {}", h.count);
     }
     o
 }

@@ -193,6 +193,10 @@ fn health_readiness_metrics_and_drain() {
         "ferry_packets_out_total",
         "ferry_drops_total",
         "ferry_api_requests_total",
+        "ferry_api_request_duration_seconds",
+        "ferry_shard_busy_seconds_total",
+        "ferry_stun_requests_total",
+        "ferry_api_connections_total",
     ] {
         assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
     }

@@ -673,6 +673,7 @@ fn service_manager_hears_ready_watchdog_and_stopping_in_order() {
 #[test]
 fn sighup_reloads_what_can_change_live_without_dropping_sessions() {
     let cfg = std::env::temp_dir().join(format!("ferry-reload-{}.toml", std::process::id()));
+    let sock = std::env::temp_dir().join(format!("ferry-reload-{}.sock", std::process::id()));
     std::fs::write(&cfg, "api_rate_limit = 1000\n").unwrap();
     let mut child = Command::new(BIN)
         .args([
@@ -684,7 +685,7 @@ fn sighup_reloads_what_can_change_live_without_dropping_sessions() {
             "--relay-listen",
             "127.0.0.1:0",
         ])
-        .args(["--config", cfg.to_str().unwrap()])
+        .args(["--config", cfg.to_str().unwrap(), "--control-socket", sock.to_str().unwrap()])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -719,7 +720,9 @@ fn sighup_reloads_what_can_change_live_without_dropping_sessions() {
         "api_rate_limit = 1000\napi_tokens = [\"reloaded-token-0123456789\"]\nidle_timeout = \"20s\"\nregion = \"eu-west\"\n",
     )
     .unwrap();
-    signal(&p, libc::SIGHUP);
+    // `ferry ctl reload` takes the same path as SIGHUP.
+    let out = Command::new(BIN).args(["ctl", "--socket", sock.to_str().unwrap(), "reload"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut log = Vec::new();
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
         let done = l.contains("configuration reloaded");
@@ -741,4 +744,5 @@ fn sighup_reloads_what_can_change_live_without_dropping_sessions() {
     peer.send(&hid, b"after the reload").unwrap();
     assert_eq!(host.recv_relay(Duration::from_secs(3)).unwrap().unwrap().1, b"after the reload");
     std::fs::remove_file(&cfg).ok();
+    std::fs::remove_file(&sock).ok();
 }

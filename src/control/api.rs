@@ -30,6 +30,8 @@ pub const MAX_BODY: usize = 16 * 1024;
 #[derive(Default, Debug)]
 pub struct ApiMetrics {
     pub requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Request durations by route.
+    pub latency: Mutex<BTreeMap<String, crate::metrics::Histogram>>,
 }
 
 impl ApiMetrics {
@@ -345,6 +347,8 @@ async fn metrics(State(st): State<ApiState>) -> Response {
         log_output_stalled: crate::logging::output_stalled(),
     }));
     text.push_str(&crate::metrics::render_tenants(&st.service.tenant_counts()));
+    let latency = st.metrics.latency.lock().map(|m| m.clone()).unwrap_or_default();
+    text.push_str(&crate::metrics::render_latency("ferry_api_request_duration_seconds", "route", &latency));
     let mut r = (StatusCode::OK, text).into_response();
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
@@ -374,7 +378,12 @@ async fn refuse_oversize(req: Request, next: Next) -> Response {
 async fn count(State(st): State<ApiState>, req: Request, next: Next) -> Response {
     let route =
         req.extensions().get::<MatchedPath>().map_or_else(|| "other".to_string(), |m| m.as_str().to_string());
+    let started = st.clock.nanos();
     let r = next.run(req).await;
+    let secs = (st.clock.nanos() - started) as f64 / 1e9;
+    if let Ok(mut m) = st.metrics.latency.lock() {
+        m.entry(route.clone()).or_default().observe(secs);
+    }
     if let Ok(mut m) = st.metrics.requests.lock() {
         *m.entry((route, r.status().as_u16())).or_insert(0) += 1;
     }

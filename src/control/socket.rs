@@ -10,7 +10,7 @@
 //! server         [0] accepted                                   (or the connection closes)
 //! request        [op][args]   1 create host [max u16] · 2 create joiner [host id 16]
 //!                             3 release [id 16] · 4 stats · 5 list allocations (JSON)
-//!                             6 drain · 7 undrain · 8 status (JSON)
+//!                             6 drain · 7 undrain · 8 status (JSON) · 9 reload
 //! response       [status][body]   0 ok, else an error code (see `Status`)
 //! create ok      [shard u16][id 16][key 64][connection data 255][port u16][host len u8][host]
 //! stats ok       Prometheus text
@@ -41,6 +41,7 @@ const OP_LIST: u8 = 5;
 const OP_DRAIN: u8 = 6;
 const OP_UNDRAIN: u8 = 7;
 const OP_STATUS: u8 = 8;
+const OP_RELOAD: u8 = 9;
 
 /// Response status codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,6 +229,15 @@ impl ControlServer {
                 let mut out = vec![Status::Ok as u8];
                 out.extend_from_slice(status.to_string().as_bytes());
                 out
+            }
+            // The same path as SIGHUP: the signal handler re-reads the configuration.
+            Some(OP_RELOAD) if req.len() == 1 => {
+                // SAFETY: raising a signal this process handles.
+                if unsafe { libc::kill(libc::getpid(), libc::SIGHUP) } == 0 {
+                    vec![Status::Ok as u8]
+                } else {
+                    vec![Status::Unavailable as u8]
+                }
             }
             Some(OP_STATS) if req.len() == 1 => {
                 let stats = self.relay.stats().await;
@@ -545,5 +555,10 @@ impl ControlClient {
     /// Takes new allocations again.
     pub fn undrain(&mut self) -> Result<(), ClientError> {
         self.call(&[OP_UNDRAIN]).map(|_| ())
+    }
+
+    /// Re-reads the relay's configuration, as SIGHUP does (the outcome is in the relay's log).
+    pub fn reload(&mut self) -> Result<(), ClientError> {
+        self.call(&[OP_RELOAD]).map(|_| ())
     }
 }

@@ -51,6 +51,10 @@ pub struct IoStats {
     pub gso_sends: u64,
     /// GSO runs the kernel refused, sent one datagram at a time instead.
     pub gso_fallbacks: u64,
+    /// Time spent waiting for work (in epoll or the ring), in nanoseconds.
+    pub idle_ns: u64,
+    /// Time since the shard started, in milliseconds (set at each snapshot).
+    pub uptime_ms: u64,
 }
 
 /// A snapshot of one shard.
@@ -208,6 +212,8 @@ pub(crate) struct State {
     pub peers: Vec<ShardHandle>,
     pub stats: IoStats,
     pub events: tokio::sync::mpsc::UnboundedSender<(usize, Event)>,
+    /// When the shard started (for its uptime and busy time).
+    started: Millis,
 }
 
 /// Where a received datagram goes.
@@ -234,6 +240,7 @@ impl State {
             peers,
             stats: IoStats::default(),
             events,
+            started: now,
         }
     }
 
@@ -287,6 +294,7 @@ impl State {
                     let _ = reply.send(self.core.handle_control(now, cmd));
                 }
                 Ok(ShardMsg::Stats(reply)) => {
+                    self.stats.uptime_ms = now.saturating_sub(self.started);
                     let _ = reply.send(self.snapshot());
                 }
                 Ok(ShardMsg::Handoff(mut h)) => {
@@ -348,11 +356,13 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
         if !readable {
             let now = clock.now();
             let wait = st.core.poll_timeout().map_or(1000, |t| t.saturating_sub(now).min(1000));
+            let idle_from = clock.nanos();
             if let Err(e) = poll.poll(&mut events, Some(Duration::from_millis(wait))) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
                 }
             }
+            st.stats.idle_ns += clock.nanos() - idle_from;
             if events.iter().any(|e| e.token() == SOCKET) {
                 readable = true;
             }

@@ -296,7 +296,10 @@ pub(super) fn run(
             let wait = st.core.poll_timeout().map_or(1000, |t| t.saturating_sub(now).min(1000));
             let ts = types::Timespec::new().sec(wait / 1000).nsec(((wait % 1000) * 1_000_000) as u32);
             let args = types::SubmitArgs::new().timespec(&ts);
-            match submitter.submit_with_args(1, &args) {
+            let idle_from = clock.nanos();
+            let waited = submitter.submit_with_args(1, &args);
+            st.stats.idle_ns += clock.nanos() - idle_from;
+            match waited {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
