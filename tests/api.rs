@@ -400,3 +400,34 @@ fn a_full_session_says_so_and_the_host_can_clear_unconnected_joiners() {
 fn host_id(a: &ferry::client::api::Allocation) -> ferry::wire::AllocationId {
     ferry::wire::AllocationId::parse(&a.allocation_id).unwrap()
 }
+
+#[test]
+fn the_shipped_dashboard_only_uses_metrics_that_exist() {
+    let srv = Server::start(|_| {});
+    let api = srv.api();
+    let _ = api.allocate(1, None);
+    let metrics = srv.metrics();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/grafana/dashboards/ferry.json");
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut names = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("ferry_") {
+                let name: String =
+                    rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                rest = &rest[i + name.len()..];
+                names.push(name);
+            }
+        }
+    }
+    assert!(names.len() >= 10, "{names:?}");
+    for n in names {
+        let family = n.strip_suffix("_bucket").unwrap_or(&n);
+        assert!(
+            metrics.contains(&format!("# TYPE {family} ")),
+            "the dashboard uses {n}, which /metrics does not have"
+        );
+    }
+}

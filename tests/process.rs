@@ -746,3 +746,48 @@ fn sighup_reloads_what_can_change_live_without_dropping_sessions() {
     std::fs::remove_file(&cfg).ok();
     std::fs::remove_file(&sock).ok();
 }
+
+#[test]
+fn a_short_soak_delivers_every_datagram_to_its_own_session() {
+    let (relay, _) = start_with(
+        &[
+            "--api-listen",
+            "127.0.0.1:0",
+            "--relay-listen",
+            "127.0.0.1:0",
+            "--api-rate-limit",
+            "100000",
+            "--log-lifecycle",
+            "off",
+        ],
+        &[],
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "load",
+            "--mode",
+            "churn",
+            "--api",
+            &relay.api,
+            "--sessions",
+            "20",
+            "--duration",
+            "8s",
+            "--json",
+        ])
+        .args(["--relay-pid", &relay.child.id().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["sessions"].as_u64().unwrap() >= 20, "{r}");
+    assert_eq!(r["misdelivered"], 0, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    assert!(r["closed"].as_u64().unwrap() > 0 && r["abandoned"].as_u64().unwrap() > 0, "{r}");
+    let samples = r["samples"].as_array().unwrap();
+    assert!(
+        samples.len() >= 2 && samples.iter().all(|s| s["rss_kib"].is_u64() && s["open_fds"].is_u64()),
+        "{r}"
+    );
+}

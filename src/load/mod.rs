@@ -8,6 +8,7 @@
 //! - `allocations`: `/v1/allocate` from several threads (allocations/s through the API).
 
 pub mod b1;
+pub mod churn;
 pub mod engine;
 pub mod flood;
 pub mod report;
@@ -46,6 +47,9 @@ pub enum Mode {
     Traffic,
     Binds,
     Allocations,
+    /// Soak: sessions continuously created, used and closed or abandoned, plus hostile traffic;
+    /// `--sessions` live at most; the relay sampled with `--relay-pid`.
+    Churn,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -171,6 +175,27 @@ pub fn run(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
         Mode::Traffic => traffic(a),
         Mode::Binds => binds(a),
         Mode::Allocations => allocations(a),
+        Mode::Churn => {
+            let r = churn::run(a, &api(a))?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} sessions in {:.0} s ({} closed, {} abandoned), {} datagrams relayed, {} misdelivered, {} lost, {} errors, {} hostile datagrams",
+                    r.sessions, r.duration_secs, r.closed, r.abandoned, r.relayed, r.misdelivered, r.lost, r.errors, r.hostile_sent
+                );
+                for s in &r.samples {
+                    println!(
+                        "  {:>6.0} s  rss {:>8} KiB  fds {:>5}  live allocations {:>6}",
+                        s.secs,
+                        s.rss_kib.map_or("-".into(), |v| v.to_string()),
+                        s.open_fds.map_or("-".into(), |v| v.to_string()),
+                        s.live_allocations.map_or("-".into(), |v| v.to_string())
+                    );
+                }
+            }
+            Ok(())
+        }
     }
 }
 
