@@ -17,22 +17,39 @@ fn connect(a: &CtlArgs) -> Result<ControlClient, String> {
     .map_err(|e| format!("cannot reach the relay: {e}"))
 }
 
-fn print_status(s: &str) -> Result<(), String> {
-    let v: Value = serde_json::from_str(s).map_err(|e| e.to_string())?;
+/// The status, with rates measured over one second (two samples).
+fn status_with_rates(c: &mut ControlClient) -> Result<Value, String> {
+    let first: Value =
+        serde_json::from_str(&c.status().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut v: Value =
+        serde_json::from_str(&c.status().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    for k in ["packets_in", "packets_forwarded", "packets_dropped", "allocations_created"] {
+        let d = v[k].as_u64().unwrap_or(0).saturating_sub(first[k].as_u64().unwrap_or(0));
+        v[format!("{k}_per_sec")] = d.into();
+    }
+    Ok(v)
+}
+
+fn print_status(v: &Value) -> Result<(), String> {
     let per_shard: Vec<u64> = v["allocations_per_shard"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_u64).collect())
         .unwrap_or_default();
     println!(
-        "{}: {} of {} shards answering; {} allocations ({} hosts), per shard {per_shard:?}; packets in {}, forwarded {}, dropped {}",
+        "{}: {} of {} shards answering; {} allocations ({} hosts), per shard {per_shard:?}",
         if v["draining"] == true { "draining" } else { "serving" },
         v["shards_answering"],
         v["shards"],
         v["allocations"],
         v["hosts"],
-        v["packets_in"],
-        v["packets_forwarded"],
-        v["packets_dropped"]
+    );
+    println!(
+        "per second: {} datagrams in, {} forwarded, {} dropped, {} allocations created",
+        v["packets_in_per_sec"],
+        v["packets_forwarded_per_sec"],
+        v["packets_dropped_per_sec"],
+        v["allocations_created_per_sec"]
     );
     Ok(())
 }
@@ -62,8 +79,8 @@ pub fn run(a: &CtlArgs) -> Result<(), String> {
     let e = |e: ClientError| e.to_string();
     match &a.command {
         CtlCommand::Stats => print!("{}", c.stats().map_err(e)?),
-        CtlCommand::Status { json: true } => println!("{}", c.status().map_err(e)?),
-        CtlCommand::Status { json: false } => print_status(&c.status().map_err(e)?)?,
+        CtlCommand::Status { json: true } => println!("{}", status_with_rates(&mut c)?),
+        CtlCommand::Status { json: false } => print_status(&status_with_rates(&mut c)?)?,
         CtlCommand::Allocations { json, role, host, unbound } => {
             let all: Vec<Value> =
                 serde_json::from_str(&c.allocations().map_err(e)?).map_err(|e| e.to_string())?;

@@ -257,6 +257,7 @@ fn a_live_control_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
     let mut hc = RelayClient::new(&host).unwrap();
     hc.bind().unwrap();
     let status: serde_json::Value = serde_json::from_str(&ctl(&["status", "--json"])).unwrap();
+    assert!(status["packets_in_per_sec"].is_u64(), "rates over one second: {status}");
     assert_eq!(
         (status["draining"].as_bool(), status["allocations"].as_u64()),
         (Some(false), Some(2)),
