@@ -125,15 +125,19 @@ fn api_limits(cfg: &Config, jwt: Option<crate::control::jwt::JwtVerifier>, anony
     }
 }
 
-/// Keys a reload cannot change while the relay runs (sockets, shards, identity, key material).
-fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+/// Keys a reload cannot change while the relay runs (sockets, shards, identity, key material):
+/// names those that differ in `new` and puts their running values back into it.
+fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
-    macro_rules! check {
+    macro_rules! keep {
         ($($k:ident),*) => { $(
-            if format!("{:?}", old.$k) != format!("{:?}", new.$k) { changed.push(stringify!($k)); }
+            if format!("{:?}", old.$k) != format!("{:?}", new.$k) {
+                changed.push(stringify!($k));
+                new.$k = old.$k.clone();
+            }
         )* };
     }
-    check!(
+    keep!(
         api_listen,
         relay_listen,
         shards,
@@ -173,6 +177,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         tenants,
         tenant_allocations_per_sec
     );
+    // Random unless configured: never compared, always the running one.
+    new.relay_secret = old.relay_secret;
     changed
 }
 
@@ -448,7 +454,7 @@ impl Running {
             // Derived from the bound port at start-up, as before.
             new.advertise_port = old.advertise_port;
         }
-        let refused = restart_only_changes(&old, &new);
+        let refused = keep_restart_only(&old, &mut new);
         for key in &refused {
             tracing::warn!(key, "reload: `{key}` cannot change while the relay runs; restart to apply it");
         }
@@ -471,55 +477,7 @@ impl Running {
         self.service.live.set(new.log_lifecycle, new.log_lifecycle_sample, new.tenant_max_allocations);
         self.reload();
         tracing::info!(shards, refused = refused.len(), "configuration reloaded");
-        // Keep the old values of what was refused, so the next reload compares like with like.
-        let mut kept = new;
-        for key in &refused {
-            macro_rules! keep {
-                ($($k:ident),*) => { $( if *key == stringify!($k) { kept.$k = old.$k.clone(); } )* };
-            }
-            keep!(
-                api_listen,
-                relay_listen,
-                shards,
-                pin_shards,
-                kernel_steering,
-                io,
-                gso,
-                control_socket,
-                control_listen,
-                control_secret,
-                advertise,
-                advertise_port,
-                advertise_ipv4,
-                region,
-                max_allocations,
-                max_connections_cap,
-                join_code_length,
-                jwt_algorithm,
-                jwt_secret_file,
-                jwt_public_key_file,
-                jwt_jwks_file,
-                jwt_jwks_url,
-                jwt_jwks_ca_file,
-                jwt_issuer,
-                jwt_audience,
-                jwt_leeway,
-                jwt_project_claim,
-                jwt_environment_claim,
-                api_max_connections,
-                api_max_connections_per_ip,
-                api_header_timeout,
-                control_max_connections,
-                log_format,
-                drain_timeout,
-                api_tls_cert,
-                api_tls_key,
-                tenants,
-                tenant_allocations_per_sec
-            );
-        }
-        kept.relay_secret = old.relay_secret;
-        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = kept;
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = new;
         refused
     }
 
