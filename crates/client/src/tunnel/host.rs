@@ -10,7 +10,9 @@ use std::time::Duration;
 use super::batch;
 use super::frame::{self, Frame};
 use super::poller::{Poller, LOCAL_BASE, RELAY};
-use super::{flush_tx, recv_some, Io, Out, Timing, TunnelControl, TunnelError, TunnelEvent};
+use super::{
+    flush_tx, frame_out, recv_some, FlowOut, Io, Out, Timing, TunnelControl, TunnelError, TunnelEvent,
+};
 use crate::clock::{Clock, Millis};
 use crate::wire::{AllocationId, ErrorCode};
 use crate::{ApiClient, Incoming, Received, RelayClient};
@@ -33,8 +35,7 @@ struct Flow {
     flow: u32,
     sock: mio::net::UdpSocket,
     last: Millis,
-    seq: u32,
-    oversize_reported: bool,
+    out: FlowOut,
 }
 
 struct Player {
@@ -288,7 +289,7 @@ impl HostTunnel {
         });
         self.poller.register(&mut sock, i)?;
         let now = self.clock.now();
-        self.flows[i] = Some(Flow { player, port, flow, sock, last: now, seq: 0, oversize_reported: false });
+        self.flows[i] = Some(Flow { player, port, flow, sock, last: now, out: FlowOut::default() });
         if let Some(p) = self.players.get_mut(&player) {
             p.flows.insert((port, flow), i);
         }
@@ -305,7 +306,6 @@ impl HostTunnel {
         events: &mut dyn FnMut(TunnelEvent),
     ) -> Result<(), TunnelError> {
         let now = self.clock.now();
-        let relay_addr = self.relay.relay_addr();
         while let Some(fl) = self.flows.get_mut(i).and_then(Option::as_mut) {
             let n = recv_some(&fl.sock, &mut io.rx)?;
             if n == 0 {
@@ -314,20 +314,8 @@ impl HostTunnel {
             fl.last = now;
             for k in 0..n {
                 let (data, _) = io.rx.get(k);
-                if data.len() > frame::MAX_GAME_DATAGRAM {
-                    ctl.stats.oversize.fetch_add(1, Ordering::Relaxed);
-                    if !fl.oversize_reported {
-                        fl.oversize_reported = true;
-                        events(TunnelEvent::Oversize { port: fl.port, flow: fl.flow, len: data.len() });
-                    }
-                    continue;
-                }
-                fl.seq = fl.seq.wrapping_add(1);
-                let (player, port, flow, seq) = (fl.player, fl.port, fl.flow, fl.seq);
-                let relay = &self.relay;
-                io.tx.push(Some(relay_addr), |b| {
-                    relay.write_relay(&player, b, |p| frame::write_data(p, port, flow, seq, data))
-                });
+                let (player, port, flow) = (fl.player, fl.port, fl.flow);
+                frame_out(&mut io.tx, &self.relay, &player, port, flow, &mut fl.out, data, ctl, events);
                 if io.tx.is_full() {
                     flush_tx(&mut io.tx, &self.poller, &mut self.relay, ctl)?;
                 }

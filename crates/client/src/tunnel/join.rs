@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::batch;
-use super::frame::{self, Frame};
+use super::frame::Frame;
 use super::poller::{Poller, LOCAL_BASE, RELAY};
-use super::{flush_tx, recv_some, Io, Out, Timing, TunnelControl, TunnelError, TunnelEvent};
+use super::{
+    flush_tx, frame_out, recv_some, FlowOut, Io, Out, Timing, TunnelControl, TunnelError, TunnelEvent,
+};
 use crate::clock::{Clock, Millis};
 use crate::wire::{AllocationId, ErrorCode};
 use crate::{ApiClient, ClientError, Incoming, Received, RelayClient};
@@ -56,8 +58,7 @@ struct Flow {
     port: u8,
     client: SocketAddr,
     last: Millis,
-    seq: u32,
-    oversize_reported: bool,
+    out: FlowOut,
 }
 
 /// A running join tunnel. See the [module docs](super).
@@ -338,7 +339,6 @@ impl JoinTunnel {
         events: &mut dyn FnMut(TunnelEvent),
     ) -> Result<(), TunnelError> {
         let now = self.clock.now();
-        let relay_addr = self.relay.relay_addr();
         let port8 = port as u8;
         while let Some(l) = self.listeners.get(port) {
             let n = recv_some(l, &mut io.rx)?;
@@ -354,10 +354,8 @@ impl JoinTunnel {
                         let f = self.next_flow;
                         self.next_flow = self.next_flow.wrapping_add(1).max(1);
                         self.by_client.insert((port8, client), f);
-                        self.flows.insert(
-                            f,
-                            Flow { port: port8, client, last: now, seq: 0, oversize_reported: false },
-                        );
+                        self.flows
+                            .insert(f, Flow { port: port8, client, last: now, out: FlowOut::default() });
                         ctl.stats.flows_opened.fetch_add(1, Ordering::Relaxed);
                         events(TunnelEvent::FlowOpened { player: None, port: port8, flow: f, local: client });
                         f
@@ -365,20 +363,7 @@ impl JoinTunnel {
                 };
                 let Some(fl) = self.flows.get_mut(&flow) else { continue };
                 fl.last = now;
-                if data.len() > frame::MAX_GAME_DATAGRAM {
-                    ctl.stats.oversize.fetch_add(1, Ordering::Relaxed);
-                    if !fl.oversize_reported {
-                        fl.oversize_reported = true;
-                        events(TunnelEvent::Oversize { port: port8, flow, len: data.len() });
-                    }
-                    continue;
-                }
-                fl.seq = fl.seq.wrapping_add(1);
-                let (seq, host) = (fl.seq, self.host);
-                let relay = &self.relay;
-                io.tx.push(Some(relay_addr), |b| {
-                    relay.write_relay(&host, b, |p| frame::write_data(p, port8, flow, seq, data))
-                });
+                frame_out(&mut io.tx, &self.relay, &self.host, port8, flow, &mut fl.out, data, ctl, events);
                 if io.tx.is_full() {
                     flush_tx(&mut io.tx, &self.poller, &mut self.relay, ctl)?;
                 }

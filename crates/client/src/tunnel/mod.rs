@@ -220,6 +220,41 @@ fn recv_some(sock: &mio::net::UdpSocket, rx: &mut batch::RecvBatch) -> std::io::
     }
 }
 
+/// The outbound side of one flow, in either tunnel.
+#[derive(Debug, Default)]
+struct FlowOut {
+    seq: u32,
+    oversize_reported: bool,
+}
+
+/// Frames one game datagram of a flow for the relay into `tx`, or drops it when it is over
+/// [`frame::MAX_GAME_DATAGRAM`] (counted, and reported once per flow).
+#[allow(clippy::too_many_arguments)]
+fn frame_out(
+    tx: &mut batch::SendBatch,
+    relay: &crate::RelayClient,
+    to: &crate::wire::AllocationId,
+    port: u8,
+    flow: u32,
+    out: &mut FlowOut,
+    data: &[u8],
+    ctl: &TunnelControl,
+    events: &mut dyn FnMut(TunnelEvent),
+) {
+    if data.len() > frame::MAX_GAME_DATAGRAM {
+        ctl.stats.oversize.fetch_add(1, Ordering::Relaxed);
+        if !out.oversize_reported {
+            out.oversize_reported = true;
+            events(TunnelEvent::Oversize { port, flow, len: data.len() });
+        }
+        return;
+    }
+    out.seq = out.seq.wrapping_add(1);
+    let seq = out.seq;
+    let relay_addr = relay.relay_addr();
+    tx.push(Some(relay_addr), |b| relay.write_relay(to, b, |p| frame::write_data(p, port, flow, seq, data)));
+}
+
 /// Sends the frames gathered for the relay in one batch.
 fn flush_tx(
     tx: &mut batch::SendBatch,
