@@ -54,8 +54,10 @@ fn connection_flood(api: SocketAddr, sources: Vec<String>, per_source: usize, st
                             }
                         } else if let Some(c) = conn.as_mut() {
                             let _ = match *kind {
-                                1 if tick % 3 == 0 => c.write_all(if tick == 0 { b"P" } else { b"X" }),
-                                2 if tick % 3 == 0 => c.write_all(b" "),
+                                1 if tick.is_multiple_of(3) => {
+                                    c.write_all(if tick == 0 { b"P" } else { b"X" })
+                                }
+                                2 if tick.is_multiple_of(3) => c.write_all(b" "),
                                 _ => Ok(()),
                             };
                         }
@@ -163,7 +165,8 @@ fn bad_code_flood_from_300_sources_leaves_a_token_holding_backend_joining() {
                 while !stop.load(Ordering::Relaxed) {
                     let src = format!("127.0.{}.{}", 110 + t, 1 + sent % 100);
                     // Half present the players' shared token, half no valid token at all.
-                    let token = if sent % 2 == 0 { Some(players) } else { Some("not-a-valid-token-000000") };
+                    let token =
+                        if sent.is_multiple_of(2) { Some(players) } else { Some("not-a-valid-token-000000") };
                     status_of(&src, api, &post("/v1/join", r#"{"joinCode": "6789BCDF"}"#, token));
                     sent += 1;
                 }

@@ -194,7 +194,7 @@ impl AllocationService {
     /// random ID bytes, so a sampled allocation's whole story is in the log.
     fn sampled(&self, id: &AllocationId) -> bool {
         let n = self.live.sample.load(Ordering::Relaxed).max(1);
-        n == 1 || u32::from_be_bytes([id.0[4], id.0[5], id.0[7], id.0[9]]) % n == 0
+        n == 1 || u32::from_be_bytes([id.0[4], id.0[5], id.0[7], id.0[9]]).is_multiple_of(n)
     }
 
     fn allocation(&self, c: &Created) -> Allocation {

@@ -131,7 +131,7 @@ pub fn run(a: &LoadArgs, api: &ApiClient) -> Result<ChurnReport, String> {
         // abandoned to the relay's timeouts.
         while live.len() > a.sessions.max(1) {
             if let Some(mut s) = live.pop_front() {
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     let _ = s.peer.close();
                     let _ = s.host.close();
                     r.closed += 1;

@@ -69,7 +69,7 @@ impl Msg {
         self.buf.extend_from_slice(&ty.to_be_bytes());
         self.buf.extend_from_slice(&(v.len() as u16).to_be_bytes());
         self.buf.extend_from_slice(v);
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
         let len = (self.buf.len() - 20) as u16;

@@ -68,7 +68,7 @@ fn u16_at(b: &[u8], i: usize) -> u16 {
 impl BindingRequest {
     /// Checks `b` (one whole datagram). No accessor can panic afterwards.
     pub fn parse(b: &[u8]) -> Result<Self, StunError> {
-        if !is_stun(b) || b.len() > MAX_REQUEST || b.len() % 4 != 0 {
+        if !is_stun(b) || b.len() > MAX_REQUEST || !b.len().is_multiple_of(4) {
             return Err(StunError::Malformed);
         }
         if u16_at(b, 2) as usize != b.len() - HEADER_LEN {
