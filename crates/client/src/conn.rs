@@ -213,13 +213,30 @@ impl RelayClient {
     /// The next message already waiting on the socket, without blocking (non-blocking mode).
     /// Datagrams that are not from the relay or not for this allocation are skipped.
     pub fn poll_recv(&mut self) -> Result<Option<Incoming>, ClientError> {
+        self.next_message(None)
+    }
+
+    /// The next message from the relay: waiting until `deadline` (blocking use) or only taking
+    /// what is already there (`None`, non-blocking use). Datagrams that are not from the relay or
+    /// not for this allocation are skipped, as UTP does.
+    fn next_message(&mut self, deadline: Option<Millis>) -> Result<Option<Incoming>, ClientError> {
         loop {
+            if let Some(d) = deadline {
+                let now = self.clock.now();
+                if now >= d {
+                    return Ok(None);
+                }
+                self.sock.set_read_timeout(Some(Duration::from_millis((d - now).max(1))))?;
+            }
             let (n, from) = match self.sock.recv_from(&mut self.buf) {
                 Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Ok(None)
+                }
+                // A signal (or io_uring task work in the same process) interrupted the wait.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // A previous send's ICMP error (e.g. the relay restarting): not fatal.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                // An event loop skips a previous send's ICMP error (e.g. the relay restarting).
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && deadline.is_none() => continue,
                 Err(e) => return Err(e.into()),
             };
             if from != self.relay {
@@ -344,29 +361,7 @@ impl RelayClient {
     /// or not for this allocation is skipped, as UTP does.
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<Incoming>, ClientError> {
         let deadline = self.clock.now() + timeout.as_millis() as u64;
-        loop {
-            let now = self.clock.now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            self.sock.set_read_timeout(Some(Duration::from_millis((deadline - now).max(1))))?;
-            let (n, from) = match self.sock.recv_from(&mut self.buf) {
-                Ok(r) => r,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                    return Ok(None)
-                }
-                // A signal (or io_uring task work in the same process) interrupted the wait.
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            if from != self.relay {
-                continue;
-            }
-            if let Some(m) = self.decode(n) {
-                self.last_recv = self.clock.now();
-                return Ok(Some(m));
-            }
-        }
+        self.next_message(Some(deadline))
     }
 
     fn decode(&self, n: usize) -> Option<Incoming> {
