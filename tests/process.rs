@@ -84,6 +84,20 @@ fn start(extra: &[&str]) -> Proc {
     Proc { child, api: format!("http://{api}") }
 }
 
+/// Reads a JSON-logging `ferry serve` child's stderr up to its "ferry serving" line; returns that
+/// line and the rest of the stream.
+fn serving_line(child: &mut Child) -> (serde_json::Value, Box<dyn Iterator<Item = String> + Send>) {
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
+    let serving = lines
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(&l)
+                .ok()
+                .filter(|v| v["fields"]["message"] == "ferry serving")
+        })
+        .unwrap();
+    (serving, Box::new(lines))
+}
+
 fn signal(p: &Proc, sig: i32) {
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(p.child.id() as i32, sig) };
@@ -432,14 +446,7 @@ fn descriptor_exhaustion_never_costs_the_control_plane() {
         });
     }
     let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
-    let serving: serde_json::Value = lines
-        .find_map(|l| {
-            serde_json::from_str::<serde_json::Value>(&l)
-                .ok()
-                .filter(|v| v["fields"]["message"] == "ferry serving")
-        })
-        .unwrap();
+    let (serving, lines) = serving_line(&mut child);
     let cap = serving["fields"]["api_max_connections"].as_u64().unwrap();
     assert!(cap < 256, "the API cap leaves room for the rest of the relay: {cap}");
     let warnings = std::thread::spawn(move || lines.filter(|l| l.contains("\"WARN\"")).count());
@@ -524,14 +531,7 @@ fn lifecycle_logs_can_be_sampled_and_turned_off() {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
-        let serving: serde_json::Value = lines
-            .find_map(|l| {
-                serde_json::from_str::<serde_json::Value>(&l)
-                    .ok()
-                    .filter(|v| v["fields"]["message"] == "ferry serving")
-            })
-            .unwrap();
+        let (serving, lines) = serving_line(&mut child);
         let counter =
             std::thread::spawn(move || lines.filter(|l| l.contains("host allocation created")).count());
         let p = Proc { child, api: format!("http://{}", serving["fields"]["api"].as_str().unwrap()) };
@@ -691,14 +691,7 @@ fn sighup_reloads_what_can_change_live_without_dropping_sessions() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
-    let serving: serde_json::Value = lines
-        .find_map(|l| {
-            serde_json::from_str::<serde_json::Value>(&l)
-                .ok()
-                .filter(|v| v["fields"]["message"] == "ferry serving")
-        })
-        .unwrap();
+    let (serving, lines) = serving_line(&mut child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for l in lines {
