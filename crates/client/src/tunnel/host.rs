@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::batch;
 use super::frame::{self, Frame};
 use super::poller::{Poller, LOCAL_BASE, RELAY};
 use super::{
@@ -187,13 +186,8 @@ impl HostTunnel {
 
     /// Sends the game datagrams gathered for one flow's socket in one batch.
     fn flush_out(&mut self, out: &mut Out, ctl: &TunnelControl) {
-        if let Some(fl) = out.to.and_then(|i| self.flows.get(i)).and_then(Option::as_ref) {
-            if let Ok(sent) = batch::send(&fl.sock, &out.batch) {
-                ctl.stats.from_relay.fetch_add(sent as u64, Ordering::Relaxed);
-            }
-        }
-        out.batch.clear();
-        out.to = None;
+        let sock = out.to.and_then(|i| self.flows.get(i)).and_then(Option::as_ref).map(|f| &f.sock);
+        out.flush(sock, ctl);
     }
 
     fn on_frame(
@@ -233,16 +227,12 @@ impl HostTunnel {
                     Some(&i) => i,
                     None => self.open_flow(from, port, flow, target, ctl, events)?,
                 };
-                if out.to != Some(i) || out.batch.is_full() {
+                if out.must_flush_before(i) {
                     self.flush_out(out, ctl);
                 }
                 if let Some(fl) = self.flows[i].as_mut() {
                     fl.last = now;
-                    out.to = Some(i);
-                    out.batch.push(None, |b| {
-                        b.get_mut(..data.len())?.copy_from_slice(data);
-                        Some(data.len())
-                    });
+                    out.queue(i, None, data);
                 }
             }
             Frame::Close { port, flow } => {

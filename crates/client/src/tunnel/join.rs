@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::batch;
 use super::frame::Frame;
 use super::poller::{Poller, LOCAL_BASE, RELAY};
 use super::{
@@ -310,25 +309,16 @@ impl JoinTunnel {
         };
         f.last = self.clock.now();
         let client = f.client;
-        if out.to != Some(port as usize) || out.batch.is_full() {
+        if out.must_flush_before(port as usize) {
             self.flush_out(out, ctl);
         }
-        out.to = Some(port as usize);
-        out.batch.push(Some(client), |b| {
-            b.get_mut(..data.len())?.copy_from_slice(data);
-            Some(data.len())
-        });
+        out.queue(port as usize, Some(client), data);
     }
 
     /// Sends the game datagrams gathered for one listening socket in one batch.
     fn flush_out(&mut self, out: &mut Out, ctl: &TunnelControl) {
-        if let Some(l) = out.to.and_then(|p| self.listeners.get(p)) {
-            if let Ok(sent) = batch::send(l, &out.batch) {
-                ctl.stats.from_relay.fetch_add(sent as u64, Ordering::Relaxed);
-            }
-        }
-        out.batch.clear();
-        out.to = None;
+        let sock = out.to.and_then(|p| self.listeners.get(p));
+        out.flush(sock, ctl);
     }
 
     fn drain_local(

@@ -192,6 +192,33 @@ struct Io {
     out: Out,
 }
 
+impl Out {
+    /// Whether a datagram for destination `to` must wait until the gathered ones are sent.
+    fn must_flush_before(&self, to: usize) -> bool {
+        self.to != Some(to) || self.batch.is_full()
+    }
+
+    /// Gathers a game datagram for destination `to` (`dst` for an unconnected socket).
+    fn queue(&mut self, to: usize, dst: Option<std::net::SocketAddr>, data: &[u8]) {
+        self.to = Some(to);
+        self.batch.push(dst, |b| {
+            b.get_mut(..data.len())?.copy_from_slice(data);
+            Some(data.len())
+        });
+    }
+
+    /// Sends what was gathered from `sock` in one batch, and starts over.
+    fn flush(&mut self, sock: Option<&mio::net::UdpSocket>, ctl: &TunnelControl) {
+        if let Some(sock) = sock {
+            if let Ok(sent) = batch::send(sock, &self.batch) {
+                ctl.stats.from_relay.fetch_add(sent as u64, Ordering::Relaxed);
+            }
+        }
+        self.batch.clear();
+        self.to = None;
+    }
+}
+
 impl Io {
     fn new() -> Self {
         Self {
