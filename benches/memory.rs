@@ -19,9 +19,9 @@ fn rss_bytes() -> u64 {
 }
 
 fn entropy(n: u64) -> Entropy {
-    let mut e = Entropy { id: [0; 16], key: [0; 64] };
+    let mut e = Entropy { id: [0; 16] };
     let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for b in e.id.iter_mut().chain(e.key.iter_mut()) {
+    for b in e.id.iter_mut() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;

@@ -198,7 +198,7 @@ pub fn bind_with_test_key(data: &[u8]) {
     cfg.max_allocations = 8;
     cfg.limiter_buckets = 16;
     let mut core = Core::new(cfg, 0);
-    let Ok(host) = core.create_host(0, 2, Entropy { id: [7; 16], key: TEST_KEY }) else { return };
+    let Ok(host) = core.create_host(0, 2, Entropy { id: [7; 16] }) else { return };
     let mut b = Bytes(data);
     let mut now = 0u64;
     while let (Some(nonce), Some(edit), Some(from)) = (b.u16(), b.u8(), b.u8()) {
@@ -207,7 +207,7 @@ pub fn bind_with_test_key(data: &[u8]) {
             let at = b.u8().unwrap_or(0) as usize % conn.len();
             conn[at] ^= b.u8().unwrap_or(1);
         }
-        let mut d = packets::bind(&crate::auth::AllocationKey(TEST_KEY), nonce, &conn);
+        let mut d = packets::bind(&host.key, nonce, &conn);
         if edit & 2 == 2 {
             let cut = b.u8().unwrap_or(0) as usize;
             d.truncate(d.len().saturating_sub(cut % 8));
@@ -250,7 +250,7 @@ pub fn core_sequence(data: &[u8]) {
         let arg = b.u8().unwrap_or(0);
         let from = src(b.u8().unwrap_or(0));
         seed = seed.wrapping_add(1);
-        let entropy = Entropy { id: [seed; 16], key: TEST_KEY };
+        let entropy = Entropy { id: [seed; 16] };
         let mut datagram: Option<Vec<u8>> = None;
         match op % 12 {
             0 => {

@@ -23,6 +23,7 @@ pub mod load;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod secure;
 pub mod serve;
 pub mod shard;
 pub mod steer;

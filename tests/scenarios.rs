@@ -490,7 +490,7 @@ fn error_replies_are_rate_limited_per_source() {
 fn control_release_and_capacity() {
     let mut sim = Sim::with(|c| c.max_allocations = 3);
     let (host, joiners) = sim.session(5, 2);
-    let e = ferry::core::Entropy { id: [9; 16], key: [9; 64] };
+    let e = ferry::core::Entropy { id: [9; 16] };
     assert_eq!(sim.core.create_host(0, 1, e.clone()).unwrap_err(), ferry::core::ControlError::Full);
     assert_eq!(
         sim.core.create_host(0, 0, e.clone()).unwrap_err(),

@@ -7,18 +7,17 @@ use crate::auth::{AllocationKey, CONNECTION_DATA_LEN, KEY_LEN};
 use crate::wire::AllocationId;
 
 /// Randomness for one new allocation, drawn by the caller from the OS CSPRNG so the core stays
-/// deterministic under test.
+/// deterministic under test. (The key is not drawn: it derives from the relay secret and the ID,
+/// see [`allocation_key`](super::allocation_key).)
 #[derive(Clone)]
 pub struct Entropy {
     pub id: [u8; 16],
-    pub key: [u8; KEY_LEN],
 }
 
 impl Entropy {
     pub fn generate() -> Result<Self, getrandom::Error> {
-        let mut e = Self { id: [0; 16], key: [0; KEY_LEN] };
+        let mut e = Self { id: [0; 16] };
         getrandom::getrandom(&mut e.id)?;
-        getrandom::getrandom(&mut e.key)?;
         Ok(e)
     }
 }

@@ -45,6 +45,17 @@ use crate::clock::Millis;
 use crate::timer::TimerWheel;
 use crate::wire::{AllocationId, Disconnect};
 
+/// The key of allocation `id`: HMAC-SHA-512 of the ID under the relay secret, so every shard (and
+/// the DTLS layer, which needs it as the PSK before it knows which shard owns the allocation) can
+/// recompute it from the ID alone. It is as unpredictable as a random key while the secret is.
+pub fn allocation_key(secret: &[u8; 64], id: &AllocationId) -> [u8; 64] {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha512> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    m.update(b"ferry allocation key");
+    m.update(&id.0);
+    m.finalize().into_bytes().into()
+}
+
 /// Tunables of one shard. Times are in milliseconds.
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
@@ -303,7 +314,7 @@ impl Core {
         }
         let role = Role::Host { max_peers: max_connections, linked: 0, joiners: 0, first_joiner: NIL };
         let i = self.alloc(now, role, &entropy)?;
-        Ok(self.created(i, entropy))
+        Ok(self.created(i))
     }
 
     pub fn create_joiner(
@@ -339,26 +350,28 @@ impl Core {
             *joiners += 1;
             *first_joiner = j;
         }
-        Ok(self.created(j, entropy))
+        Ok(self.created(j))
     }
 
     fn alloc(&mut self, now: Millis, role: Role, entropy: &Entropy) -> Result<u32, ControlError> {
         let (shard, shards, cipher) = (self.cfg.shard, self.cfg.shards, self.table.cipher);
-        let key = PreKeyedHmac::new(&entropy.key);
         let seed = entropy.id;
         let i = self
             .table
-            .alloc(now, key, role, |slot| mint_id(seed, shard, shards, slot, &cipher))
+            .alloc(now, role, |slot| mint_id(seed, shard, shards, slot, &cipher))
             .ok_or(ControlError::Full)?;
+        let key = allocation_key(&self.cfg.conn_secret, &self.table.slots[i as usize].id);
+        self.table.keys[i as usize] = PreKeyedHmac::new(&key);
         let deadline = self.deadline(i);
         self.table.slots[i as usize].timer = self.wheel.insert(deadline, i);
         self.stats.allocations_created += 1;
         Ok(i)
     }
 
-    fn created(&self, i: u32, entropy: Entropy) -> Created {
+    fn created(&self, i: u32) -> Created {
         let id = self.table.slots[i as usize].id;
-        Created { id, key: AllocationKey(entropy.key), connection_data: self.conn.build(&id) }
+        let key = allocation_key(&self.cfg.conn_secret, &id);
+        Created { id, key: AllocationKey(key), connection_data: self.conn.build(&id) }
     }
 
     /// Earliest time at which [`handle_timeout`](Self::handle_timeout) has work.

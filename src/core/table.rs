@@ -169,13 +169,7 @@ impl Table {
     }
 
     /// Takes a free slot (oldest freed first) or grows, up to the cap.
-    pub fn alloc(
-        &mut self,
-        now: Millis,
-        key: PreKeyedHmac,
-        role: Role,
-        mint: impl FnOnce(u32) -> AllocationId,
-    ) -> Option<u32> {
+    pub fn alloc(&mut self, now: Millis, role: Role, mint: impl FnOnce(u32) -> AllocationId) -> Option<u32> {
         let idx = if self.free_head != NIL {
             let i = self.free_head;
             self.free_head = self.slots[i as usize].next_free;
@@ -197,7 +191,7 @@ impl Table {
                 budget: 0,
                 rx_bytes: 0,
             });
-            self.keys.push(key);
+            self.keys.push(PreKeyedHmac::new(&[0; 64]));
             (self.slots.len() - 1) as u32
         } else {
             return None;
@@ -220,7 +214,6 @@ impl Table {
             budget: 0,
             rx_bytes: 0,
         };
-        self.keys[idx as usize] = key;
         self.live += 1;
         Some(idx)
     }
@@ -278,19 +271,18 @@ mod tests {
 
     #[test]
     fn tombstones_and_fifo_reuse() {
-        let key = PreKeyedHmac::new(&[0; 64]);
         let role = Role::Host { max_peers: 1, linked: 0, joiners: 0, first_joiner: NIL };
         let c7 = SlotCipher::new([7; 4]);
         let mut t = Table::new(2, c7);
-        let a = t.alloc(0, key, role, |i| mint_id([1; 16], 0, 1, i, &c7)).unwrap();
-        let b = t.alloc(0, key, role, |i| mint_id([2; 16], 0, 1, i, &c7)).unwrap();
-        assert!(t.alloc(0, key, role, |i| mint_id([3; 16], 0, 1, i, &c7)).is_none(), "cap");
+        let a = t.alloc(0, role, |i| mint_id([1; 16], 0, 1, i, &c7)).unwrap();
+        let b = t.alloc(0, role, |i| mint_id([2; 16], 0, 1, i, &c7)).unwrap();
+        assert!(t.alloc(0, role, |i| mint_id([3; 16], 0, 1, i, &c7)).is_none(), "cap");
         let (ida, idb) = (t.slots[a as usize].id, t.slots[b as usize].id);
         t.free(a, true);
         t.free(b, false);
         assert!(matches!(t.find(&ida), Found::TimedOut));
         assert!(matches!(t.find(&idb), Found::Unknown));
-        let c = t.alloc(0, key, role, |i| mint_id([4; 16], 0, 1, i, &c7)).unwrap();
+        let c = t.alloc(0, role, |i| mint_id([4; 16], 0, 1, i, &c7)).unwrap();
         assert_eq!(c, a, "oldest freed slot is reused first");
         assert!(matches!(t.find(&ida), Found::Unknown));
         assert!(matches!(t.find(&idb), Found::Unknown));

@@ -51,10 +51,7 @@ impl Sim {
 
     fn entropy(&mut self) -> Entropy {
         self.seed = self.seed.wrapping_add(1);
-        let mut e = Entropy { id: [self.seed; 16], key: [0; 64] };
-        for (i, b) in e.key.iter_mut().enumerate() {
-            *b = self.seed ^ i as u8;
-        }
+        let mut e = Entropy { id: [self.seed; 16] };
         e.id[1] = self.seed.wrapping_mul(31);
         e
     }
