@@ -184,6 +184,16 @@ pub struct ServeArgs {
     /// Answer STUN Binding requests on the relay port [default: true].
     #[arg(long, env = "FERRY_STUN", value_parser = bool_arg)]
     pub stun: Option<bool>,
+    /// Accept DTLS 1.2 (PSK) sessions on the relay port and advertise the `dtls` endpoint
+    /// [default: true].
+    #[arg(long, env = "FERRY_DTLS", value_parser = bool_arg)]
+    pub dtls: Option<bool>,
+    /// Largest datagram sent to a DTLS client [default: 1400, Unity Transport's].
+    #[arg(long, env = "FERRY_DTLS_MTU")]
+    pub dtls_mtu: Option<u16>,
+    /// DTLS handshakes in progress per source IP, per shard [default: 16].
+    #[arg(long, env = "FERRY_DTLS_HALFOPEN_PER_IP")]
+    pub dtls_halfopen_per_ip: Option<u16>,
     /// Datagram backend: batch (recvmmsg/sendmmsg on epoll) or uring [default: batch].
     #[arg(long, env = "FERRY_IO", value_parser = io_arg)]
     pub io: Option<IoBackend>,
@@ -367,6 +377,9 @@ struct FileConfig {
     kernel_steering: Option<FileBool>,
     gso: Option<FileBool>,
     stun: Option<FileBool>,
+    dtls: Option<FileBool>,
+    dtls_mtu: Option<u16>,
+    dtls_halfopen_per_ip: Option<u16>,
     io: Option<IoBackend>,
     unbound_timeout: Option<FileDuration>,
     idle_timeout: Option<FileDuration>,
@@ -468,6 +481,8 @@ impl ServeArgs {
             shards,
             io,
             max_connections_cap,
+            dtls_mtu,
+            dtls_halfopen_per_ip,
             max_allocations,
             join_code_length,
             api_tokens,
@@ -509,7 +524,7 @@ impl ServeArgs {
                 if let Some(v) = self.$f.or(file_bool(stringify!($f), file.$f)?) { c.$f = v; }
             )* };
         }
-        merge_bool!(pin_shards, kernel_steering, gso, stun, api_anonymous);
+        merge_bool!(pin_shards, kernel_steering, gso, stun, dtls, api_anonymous);
         c.api_max_connections = self.api_max_connections.or(file.api_max_connections);
         c.advertise_ipv4 = self.advertise_ipv4.or(file.advertise_ipv4);
         if let Some(v) = self.trusted_proxies {

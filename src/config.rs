@@ -91,6 +91,13 @@ pub struct Config {
     pub gso: bool,
     /// Answer STUN Binding requests on the relay port.
     pub stun: bool,
+    /// Accept DTLS 1.2 (PSK) sessions on the relay port and advertise the `dtls` endpoint.
+    pub dtls: bool,
+    /// Largest datagram sent to a DTLS client; Relay messages over `dtls_mtu - 37` bytes are
+    /// not sent to one.
+    pub dtls_mtu: u16,
+    /// DTLS handshakes in progress (past the cookie exchange) per source IP, per shard.
+    pub dtls_halfopen_per_ip: u16,
     pub unbound_timeout: Duration,
     pub idle_timeout: Duration,
     pub host_alone_timeout: Duration,
@@ -201,6 +208,9 @@ impl Config {
             kernel_steering: true,
             gso: true,
             stun: true,
+            dtls: true,
+            dtls_mtu: 1400,
+            dtls_halfopen_per_ip: 16,
             io: IoBackend::Batch,
             unbound_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(10),
@@ -258,6 +268,12 @@ impl Config {
         }
         if !(6..=12).contains(&self.join_code_length) {
             return Err(err("join_code_length", "must be between 6 and 12 (what Unity clients accept)"));
+        }
+        if !(576..=1472).contains(&self.dtls_mtu) {
+            return Err(err("dtls_mtu", "must be between 576 and 1472"));
+        }
+        if self.dtls_halfopen_per_ip == 0 {
+            return Err(err("dtls_halfopen_per_ip", "must be at least 1"));
         }
         if self.max_connections_cap == 0 || self.max_connections_cap > 1024 {
             return Err(err("max_connections_cap", "must be between 1 and 1024"));

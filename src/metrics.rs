@@ -55,6 +55,7 @@ pub fn render(shards: &[ShardStats], api: &BTreeMap<(String, u16), u64>, hosts: 
         let _ =
             writeln!(o, "ferry_stun_requests_total{{result=\"{}\"}} {}", r.as_str(), total.stun[r as usize]);
     }
+    dtls(&mut o, shards);
     family(&mut o, "ferry_connects_total", "counter", "CONNECT_REQUEST outcomes.");
     let _ = writeln!(o, "ferry_connects_total{{result=\"accepted\"}} {}", total.connects_accepted);
     let _ = writeln!(o, "ferry_connects_total{{result=\"rejected\"}} {}", total.connects_rejected);
@@ -256,4 +257,90 @@ pub fn render_latency(name: &str, label: &str, hists: &BTreeMap<String, Histogra
         let _ = writeln!(o, "{name}_count{{{label}=\"{value}\"}} {}", h.count);
     }
     o
+}
+
+/// The DTLS layers' counters, summed over shards.
+fn dtls(o: &mut String, shards: &[ShardStats]) {
+    let mut t = crate::secure::dtls::DtlsStats::default();
+    for s in shards {
+        let d = &s.dtls;
+        macro_rules! add { ($($f:ident),*) => { $( t.$f += d.$f; )* } }
+        add!(
+            hello_verify_sent,
+            handshakes_started,
+            handshakes_completed,
+            handshakes_failed,
+            handshakes_timed_out,
+            refused_capacity,
+            stray_hellos,
+            bad_records,
+            no_session,
+            hellos_refused,
+            records_refused,
+            plaintext_on_secure,
+            oversize,
+            closed_by_peer,
+            idle_expired,
+            migrated_out,
+            migrated_in,
+            sessions,
+            halfopen
+        );
+    }
+    family(o, "ferry_dtls_sessions", "gauge", "DTLS sessions, by state.");
+    let _ = writeln!(
+        o,
+        "ferry_dtls_sessions{{state=\"established\"}} {}",
+        t.sessions - t.halfopen.min(t.sessions)
+    );
+    let _ = writeln!(o, "ferry_dtls_sessions{{state=\"handshaking\"}} {}", t.halfopen);
+    family(
+        o,
+        "ferry_dtls_hello_verify_total",
+        "counter",
+        "HelloVerifyRequests sent (stateless cookie exchange).",
+    );
+    let _ = writeln!(o, "ferry_dtls_hello_verify_total {}", t.hello_verify_sent);
+    family(
+        o,
+        "ferry_dtls_handshakes_total",
+        "counter",
+        "DTLS handshakes past the cookie exchange, by result.",
+    );
+    for (r, v) in [
+        ("started", t.handshakes_started),
+        ("completed", t.handshakes_completed),
+        ("failed", t.handshakes_failed),
+        ("timed_out", t.handshakes_timed_out),
+    ] {
+        let _ = writeln!(o, "ferry_dtls_handshakes_total{{result=\"{r}\"}} {v}");
+    }
+    family(
+        o,
+        "ferry_dtls_drops_total",
+        "counter",
+        "DTLS datagrams or messages dropped without an answer, by reason.",
+    );
+    for (r, v) in [
+        ("bad_record", t.bad_records),
+        ("no_session", t.no_session),
+        ("stray_hello", t.stray_hellos),
+        ("hello_refused", t.hellos_refused),
+        ("capacity", t.refused_capacity),
+        ("record_refused", t.records_refused),
+        ("plaintext_on_secure", t.plaintext_on_secure),
+        ("oversize", t.oversize),
+    ] {
+        let _ = writeln!(o, "ferry_dtls_drops_total{{reason=\"{r}\"}} {v}");
+    }
+    family(o, "ferry_dtls_sessions_ended_total", "counter", "Established DTLS sessions ended, by reason.");
+    let _ = writeln!(o, "ferry_dtls_sessions_ended_total{{reason=\"closed\"}} {}", t.closed_by_peer);
+    let _ = writeln!(o, "ferry_dtls_sessions_ended_total{{reason=\"idle\"}} {}", t.idle_expired);
+    family(
+        o,
+        "ferry_dtls_migrations_total",
+        "counter",
+        "DTLS sessions moved to the shard owning their allocation.",
+    );
+    let _ = writeln!(o, "ferry_dtls_migrations_total {}", t.migrated_out);
 }

@@ -127,6 +127,26 @@ fn api_limits(cfg: &Config, jwt: Option<crate::control::jwt::JwtVerifier>, anony
 
 /// Keys a reload cannot change while the relay runs (sockets, shards, identity, key material):
 /// names those that differ in `new` and puts their running values back into it.
+/// The endpoints allocations list, in Unity's terms: `udp` always; `dtls` (network udp, secure)
+/// on the same host and port when DTLS is on.
+fn endpoints(cfg: &Config) -> Vec<crate::client::model::ServerEndpoint> {
+    let ep = |kind: &str, network: &str, secure: bool, reliable: bool, host: &str, port: u16| {
+        crate::client::model::ServerEndpoint {
+            connection_type: kind.into(),
+            network: network.into(),
+            reliable,
+            secure,
+            host: host.into(),
+            port,
+        }
+    };
+    let mut v = vec![ep("udp", "udp", false, false, &cfg.advertise, cfg.advertise_port)];
+    if cfg.dtls {
+        v.push(ep("dtls", "udp", true, false, &cfg.advertise, cfg.advertise_port));
+    }
+    v
+}
+
 fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
     macro_rules! keep {
@@ -140,6 +160,9 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!(
         api_listen,
         relay_listen,
+        dtls,
+        dtls_mtu,
+        dtls_halfopen_per_ip,
         shards,
         pin_shards,
         kernel_steering,
@@ -234,6 +257,18 @@ impl Running {
         let cores =
             if cfg.pin_shards { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let dtls = match cfg.dtls {
+            true => Some(
+                crate::secure::dtls::server_context(&cfg.relay_secret)
+                    .map_err(|e| io::Error::other(format!("DTLS: {e}")))?,
+            ),
+            false => None,
+        };
+        let dtls_cfg = crate::secure::dtls::DtlsConfig {
+            mtu: cfg.dtls_mtu,
+            max_halfopen_per_ip: cfg.dtls_halfopen_per_ip,
+            ..Default::default()
+        };
         let setups = sockets
             .into_iter()
             .enumerate()
@@ -246,6 +281,7 @@ impl Running {
                 pin: (!cores.is_empty()).then(|| cores[i % cores.len()]),
                 uring,
                 gso: cfg.gso,
+                dtls: dtls.clone().map(|ctx| (ctx, dtls_cfg.clone())),
             })
             .collect();
         let (handles, threads) = spawn_all(setups)?;
@@ -254,6 +290,7 @@ impl Running {
         let service = AllocationService::new(
             relay.clone(),
             ServiceConfig {
+                endpoints: endpoints(&cfg),
                 advertise: cfg.advertise.clone(),
                 advertise_ipv4: cfg.advertise_ipv4.unwrap_or(std::net::Ipv4Addr::LOCALHOST).to_string(),
                 port: cfg.advertise_port,
@@ -420,6 +457,7 @@ impl Running {
             io = if uring { "io_uring" } else { "epoll" },
             gso = cfg.gso,
             stun = cfg.stun,
+            dtls = cfg.dtls,
             api_auth = %auth_mode,
             api_tls = tls.is_some(),
             api_max_connections = api_cap,

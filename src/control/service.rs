@@ -18,6 +18,8 @@ use crate::wire::AllocationId;
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
     pub advertise: String,
+    /// The endpoints every allocation lists (`udp`, then `dtls`, `ws`, `wss` where enabled).
+    pub endpoints: Vec<ServerEndpoint>,
     /// The IPv4 literal for the deprecated `relayServer.ipV4` (Unity parses it as one).
     pub advertise_ipv4: String,
     pub port: u16,
@@ -201,14 +203,7 @@ impl AllocationService {
         Allocation {
             allocation_id: c.id.to_string(),
             allocation_id_bytes: B64.encode(c.id.0),
-            server_endpoints: vec![ServerEndpoint {
-                connection_type: "udp".into(),
-                network: "udp".into(),
-                reliable: false,
-                secure: false,
-                host: self.cfg.advertise.clone(),
-                port: self.cfg.port,
-            }],
+            server_endpoints: self.cfg.endpoints.clone(),
             relay_server: RelayServer { ip_v4: self.cfg.advertise_ipv4.clone(), port: self.cfg.port },
             key: c.key.to_base64(),
             connection_data: B64.encode(c.connection_data),

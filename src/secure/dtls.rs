@@ -223,6 +223,7 @@ pub struct DtlsLayer {
     ends: Vec<(usize, usize)>,
     transmits: VecDeque<(SocketAddr, Vec<u8>)>,
     next_poll: Millis,
+    next_sweep: Millis,
     stats: DtlsStats,
 }
 
@@ -319,6 +320,7 @@ impl DtlsLayer {
             ends: Vec::new(),
             transmits: VecDeque::new(),
             next_poll: 0,
+            next_sweep: 0,
             stats: DtlsStats::default(),
         }
     }
@@ -596,6 +598,9 @@ impl DtlsLayer {
             return;
         }
         self.next_poll = now + 100;
+        if now >= self.next_sweep {
+            self.next_sweep = now + 1000;
+        }
         let (hs_timeout, idle) = (self.cfg.handshake_timeout, self.cfg.idle_timeout);
         let mut expired = Vec::new();
         let mut retransmit = Vec::new();
@@ -633,6 +638,16 @@ impl DtlsLayer {
             self.take_back(addr, &mut s.stream);
             self.sessions.insert(addr, s);
         }
+    }
+
+    /// When [`poll`](Self::poll) next has work, if any session exists.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        (!self.sessions.is_empty()).then_some(self.next_poll)
+    }
+
+    /// When the shard should next sweep what it keeps for this layer (every second).
+    pub fn next_sweep(&self) -> Millis {
+        self.next_sweep
     }
 
     /// Hands an established session over (to the shard that owns its allocation).

@@ -9,6 +9,7 @@
 //! own its session; it is handed to the owner through the owner's mailbox, so correctness never
 //! depends on how the kernel spreads datagrams.
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -20,8 +21,11 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use tokio::sync::oneshot;
 
 use crate::clock::{Clock, Millis};
+use crate::core::owner_shard;
 use crate::core::{Action, Control, ControlError, ControlReply, Core, CoreConfig, Event, Stats};
-use crate::io::{BatchIo, PacketBatch, SendItem, SendReport, BATCH};
+use crate::io::{BatchIo, PacketBatch, SendItem, SendReport, BATCH, BUF_SIZE};
+use crate::secure::dtls::{DtlsConfig, DtlsLayer, Received, Sealed};
+use crate::secure::record;
 
 mod uring;
 
@@ -66,6 +70,7 @@ pub struct ShardStats {
     pub allocations: usize,
     pub core: Stats,
     pub io: IoStats,
+    pub dtls: crate::secure::dtls::DtlsStats,
 }
 
 /// A datagram handed from the shard that received it to the shard that owns it.
@@ -78,6 +83,8 @@ pub enum ShardMsg {
     Control(Control, oneshot::Sender<Result<ControlReply, ControlError>>),
     Stats(oneshot::Sender<ShardStats>),
     Handoff(Handoff),
+    /// A DTLS session established on another shard, for the allocation this shard owns.
+    AdoptDtls(SocketAddr, Box<crate::secure::dtls::Session>),
     Stop,
 }
 
@@ -139,6 +146,8 @@ pub struct ShardSetup {
     pub uring: bool,
     /// Send runs of same-size datagrams to one destination with UDP GSO.
     pub gso: bool,
+    /// DTLS on the relay port (the context every shard shares, and the layer's tunables).
+    pub dtls: Option<(openssl::ssl::SslContext, crate::secure::dtls::DtlsConfig)>,
 }
 
 enum Driver {
@@ -214,6 +223,17 @@ pub(crate) struct State {
     pub events: tokio::sync::mpsc::UnboundedSender<(usize, Event)>,
     /// When the shard started (for its uptime and busy time).
     started: Millis,
+    dtls: Option<DtlsLayer>,
+    /// DTLS clients whose session moved to the shard owning their allocation, and when each
+    /// was last heard from.
+    redirects: HashMap<SocketAddr, (usize, Millis)>,
+    /// Decrypted records, sealed records, and handed-off datagrams are staged here.
+    plain: Vec<u8>,
+    sealed: Vec<u8>,
+    mailroom: Vec<u8>,
+    /// Datagrams beyond the one a received datagram's buffer can carry (handshake flights,
+    /// the answers to a second record in one datagram), sent at the end of the turn.
+    pending: VecDeque<(SocketAddr, Vec<u8>)>,
 }
 
 /// Where a received datagram goes.
@@ -232,8 +252,16 @@ impl State {
         now: Millis,
         peers: Vec<ShardHandle>,
         events: tokio::sync::mpsc::UnboundedSender<(usize, Event)>,
+        dtls: Option<(openssl::ssl::SslContext, DtlsConfig)>,
     ) -> Self {
+        let secret = core.conn_secret;
         Self {
+            dtls: dtls.map(|(ctx, cfg)| DtlsLayer::new(ctx, secret, cfg)),
+            redirects: HashMap::new(),
+            plain: vec![0; BUF_SIZE],
+            sealed: vec![0; BUF_SIZE],
+            mailroom: vec![0; BUF_SIZE],
+            pending: VecDeque::new(),
             index: setup_index,
             backend,
             core: Core::new(core, now),
@@ -252,9 +280,10 @@ impl State {
     }
 
     /// Decides one received datagram: hand it to its owner shard, or let the core answer it.
-    #[inline]
     /// `room` is the whole receive buffer, the datagram its first `len` bytes (a STUN answer is
-    /// written in place and may be longer than its request).
+    /// written in place and may be longer than its request; a DTLS record is unwrapped and
+    /// answers are sealed in place).
+    #[inline]
     pub fn classify(&mut self, now: Millis, src: SocketAddr, room: &mut [u8], len: usize) -> Verdict {
         if crate::wire::stun::is_stun(&room[..len]) {
             return match self.core.handle_stun(now, src, room, len) {
@@ -262,22 +291,108 @@ impl State {
                 _ => Verdict::Done,
             };
         }
+        if let Some(d) = &mut self.dtls {
+            if record::is_dtls(&room[..len]) {
+                return self.classify_dtls(now, src, room, len);
+            }
+            if d.has(&src) {
+                // Plain Relay messages are never accepted from an address that speaks DTLS:
+                // anyone can spoof a source address, nobody can forge a record.
+                d.count_plaintext_on_secure();
+                return Verdict::Done;
+            }
+        }
+        self.classify_plain(now, src, room, len)
+    }
+
+    fn classify_plain(&mut self, now: Millis, src: SocketAddr, room: &mut [u8], len: usize) -> Verdict {
         let buf = &mut room[..len];
         let shards = self.peers.len() as u32;
         if shards > 1 {
             if let Some(owner) = datagram_owner(buf, shards).filter(|&o| o != self.index) {
-                let msg = ShardMsg::Handoff(Handoff { src, data: buf.to_vec() });
-                match self.peers[owner].send(msg) {
-                    Ok(()) => self.stats.handoff_out += 1,
-                    Err(_) => self.stats.handoff_dropped += 1,
-                }
+                self.hand_off(owner, src, buf);
                 return Verdict::Done;
             }
         }
-        match self.core.handle_datagram(now, src, buf) {
-            Action::Forward(dst) => Verdict::Send(dst, buf.len()),
-            Action::Reply(n) => Verdict::Send(src, n),
+        self.decide(now, src, room, len)
+    }
+
+    /// Lets the core answer `room[..len]`, a Relay message from `src`, and seals the answer for
+    /// its destination.
+    fn decide(&mut self, now: Millis, src: SocketAddr, room: &mut [u8], len: usize) -> Verdict {
+        match self.core.handle_datagram(now, src, &mut room[..len]) {
+            Action::Forward(dst) => self.seal(dst, room, len),
+            Action::Reply(n) => self.seal(src, room, n),
             Action::Consumed | Action::Drop(_) => Verdict::Done,
+        }
+    }
+
+    /// Wraps `room[..n]` for `dst`'s transport.
+    #[inline]
+    fn seal(&mut self, dst: SocketAddr, room: &mut [u8], n: usize) -> Verdict {
+        let Some(d) = self.dtls.as_mut().filter(|d| !d.is_empty()) else { return Verdict::Send(dst, n) };
+        match d.seal(&dst, &room[..n], &mut self.sealed) {
+            Sealed::Plain => Verdict::Send(dst, n),
+            Sealed::Record(m) if m <= room.len() => {
+                room[..m].copy_from_slice(&self.sealed[..m]);
+                Verdict::Send(dst, m)
+            }
+            Sealed::Record(_) | Sealed::Refused => Verdict::Done,
+        }
+    }
+
+    fn classify_dtls(&mut self, now: Millis, src: SocketAddr, room: &mut [u8], len: usize) -> Verdict {
+        if let Some((owner, seen)) = self.redirects.get_mut(&src) {
+            *seen = now;
+            let owner = *owner;
+            self.hand_off(owner, src, &room[..len]);
+            return Verdict::Done;
+        }
+        let Some(layer) = self.dtls.as_mut() else { return Verdict::Done };
+        let mut plain = std::mem::take(&mut self.plain);
+        let r = layer.receive(now, src, &room[..len], &mut plain);
+        let shards = self.peers.len() as u32;
+        if let Received::Established(Some(id)) = r {
+            let owner = owner_shard(&id, shards) as usize;
+            if owner != self.index {
+                if let Some(s) = layer.take(&src) {
+                    if self.peers[owner].send(ShardMsg::AdoptDtls(src, s)).is_ok() {
+                        self.redirects.insert(src, (owner, now));
+                    }
+                }
+                self.plain = plain;
+                return Verdict::Done;
+            }
+        }
+        let mut verdict = Verdict::Done;
+        if matches!(r, Received::Records | Received::Established(_)) {
+            let records = layer.records().to_vec();
+            for (i, &(a, b)) in records.iter().enumerate() {
+                let msg = &plain[a..b];
+                // A record names its allocation; only this shard's are served from this session.
+                if datagram_owner(msg, shards).is_some_and(|o| o != self.index) {
+                    continue;
+                }
+                room[..msg.len()].copy_from_slice(msg);
+                let v = self.decide(now, src, room, msg.len());
+                if i + 1 < records.len() {
+                    if let Verdict::Send(dst, n) = v {
+                        self.pending.push_back((dst, room[..n].to_vec()));
+                    }
+                } else {
+                    verdict = v;
+                }
+            }
+        }
+        self.plain = plain;
+        verdict
+    }
+
+    fn hand_off(&mut self, owner: usize, src: SocketAddr, d: &[u8]) {
+        let msg = ShardMsg::Handoff(Handoff { src, data: d.to_vec() });
+        match self.peers[owner].send(msg) {
+            Ok(()) => self.stats.handoff_out += 1,
+            Err(_) => self.stats.handoff_dropped += 1,
         }
     }
 
@@ -297,18 +412,24 @@ impl State {
                     self.stats.uptime_ms = now.saturating_sub(self.started);
                     let _ = reply.send(self.snapshot());
                 }
-                Ok(ShardMsg::Handoff(mut h)) => {
+                Ok(ShardMsg::Handoff(h)) => {
                     self.stats.handoff_in += 1;
-                    let src = h.src;
-                    let r = match self.core.handle_datagram(now, src, &mut h.data) {
-                        Action::Forward(dst) => send_one(&dst, &h.data),
-                        Action::Reply(n) => send_one(&src, &h.data[..n]),
-                        Action::Consumed | Action::Drop(_) => continue,
-                    };
-                    self.count(r);
+                    let mut room = std::mem::take(&mut self.mailroom);
+                    let len = h.data.len().min(room.len());
+                    room[..len].copy_from_slice(&h.data[..len]);
+                    if let Verdict::Send(dst, n) = self.classify(now, h.src, &mut room, len) {
+                        let r = send_one(&dst, &room[..n]);
+                        self.count(r);
+                    }
+                    self.mailroom = room;
+                }
+                Ok(ShardMsg::AdoptDtls(addr, session)) => {
+                    if let Some(d) = &mut self.dtls {
+                        d.adopt(addr, session);
+                    }
                 }
                 Ok(ShardMsg::Stop) => {
-                    self.flush_core(send_one);
+                    self.flush_core(now, send_one);
                     return true;
                 }
                 Err(_) => break,
@@ -318,13 +439,42 @@ impl State {
     }
 
     /// Sends relay-originated datagrams and forwards lifecycle events.
-    pub fn flush_core(&mut self, send_one: &mut dyn FnMut(&SocketAddr, &[u8]) -> SendReport) {
+    pub fn flush_core(&mut self, now: Millis, send_one: &mut dyn FnMut(&SocketAddr, &[u8]) -> SendReport) {
         while let Some(t) = self.core.poll_transmit() {
-            let r = send_one(&t.to, t.payload());
+            let mut room = std::mem::take(&mut self.mailroom);
+            let n = t.payload().len();
+            room[..n].copy_from_slice(t.payload());
+            if let Verdict::Send(dst, m) = self.seal(t.to, &mut room, n) {
+                let r = send_one(&dst, &room[..m]);
+                self.count(r);
+            }
+            self.mailroom = room;
+        }
+        if let Some(d) = &mut self.dtls {
+            d.poll(now);
+            while let Some(t) = d.poll_transmit() {
+                self.pending.push_back(t);
+            }
+            if now >= d.next_sweep() {
+                let idle = d.config().idle_timeout;
+                self.redirects.retain(|_, (_, seen)| now.saturating_sub(*seen) < idle);
+            }
+        }
+        while let Some((to, d)) = self.pending.pop_front() {
+            let r = send_one(&to, &d);
             self.count(r);
         }
         while let Some(e) = self.core.poll_event() {
             let _ = self.events.send((self.index, e));
+        }
+    }
+
+    /// When the loop next has timed work: the core's timers, or the DTLS layer's.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let dtls = self.dtls.as_ref().and_then(|d| d.poll_timeout());
+        match (self.core.poll_timeout(), dtls) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -335,6 +485,7 @@ impl State {
             allocations: self.core.allocations(),
             core: self.core.stats().clone(),
             io: self.stats.clone(),
+            dtls: self.dtls.as_ref().map(|d| d.stats()).unwrap_or_default(),
         }
     }
 }
@@ -343,7 +494,7 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
     let clock = setup.clock;
     let mut sock = mio::net::UdpSocket::from_std(setup.socket);
     poll.registry().register(&mut sock, SOCKET, Interest::READABLE)?;
-    let mut st = State::new(setup.index, "epoll", setup.core, clock.now(), peers, setup.events);
+    let mut st = State::new(setup.index, "epoll", setup.core, clock.now(), peers, setup.events, setup.dtls);
     let mut io = BatchIo::new(&sock);
     io.set_gso(setup.gso);
     let mut batch = PacketBatch::new();
@@ -355,7 +506,7 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
         // checked without blocking every turn, so only an idle shard waits in epoll.
         if !readable {
             let now = clock.now();
-            let wait = st.core.poll_timeout().map_or(1000, |t| t.saturating_sub(now).min(1000));
+            let wait = st.poll_timeout().map_or(1000, |t| t.saturating_sub(now).min(1000));
             let idle_from = clock.nanos();
             if let Err(e) = poll.poll(&mut events, Some(Duration::from_millis(wait))) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -414,6 +565,6 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
         }
 
         st.core.handle_timeout(clock.now());
-        st.flush_core(&mut |to, d| io.send_one(to, d));
+        st.flush_core(clock.now(), &mut |to, d| io.send_one(to, d));
     }
 }

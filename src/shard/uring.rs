@@ -273,7 +273,8 @@ pub(super) fn run(
         ring.submission().push(&recv_sqe).map_err(io::Error::other)?;
         ring.submission().push(&wake_sqe).map_err(io::Error::other)?;
     }
-    let mut st = State::new(setup.index, "io_uring", setup.core, clock.now(), peers, setup.events);
+    let mut st =
+        State::new(setup.index, "io_uring", setup.core, clock.now(), peers, setup.events, setup.dtls);
     let mut send_one = |to: &SocketAddr, d: &[u8]| sendto(sock_fd, to, d);
     let mut gso = setup.gso;
     let mut gso_slots: Vec<Box<GsoSlot>> = Vec::new();
@@ -293,7 +294,7 @@ pub(super) fn run(
         if cq.is_empty() {
             sq.sync();
             let now = clock.now();
-            let wait = st.core.poll_timeout().map_or(1000, |t| t.saturating_sub(now).min(1000));
+            let wait = st.poll_timeout().map_or(1000, |t| t.saturating_sub(now).min(1000));
             let ts = types::Timespec::new().sec(wait / 1000).nsec(((wait % 1000) * 1_000_000) as u32);
             let args = types::SubmitArgs::new().timespec(&ts);
             let idle_from = clock.nanos();
@@ -490,7 +491,7 @@ pub(super) fn run(
             break Ok(());
         }
         st.core.handle_timeout(clock.now());
-        st.flush_core(&mut send_one);
+        st.flush_core(clock.now(), &mut send_one);
     };
     teardown(&mut ring);
     result

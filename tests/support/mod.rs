@@ -13,6 +13,8 @@ use ferry::config::Config;
 use ferry::serve::Running;
 use ferry::wire::{AllocationId, ErrorCode, ErrorMsg};
 
+pub mod dtls;
+
 pub struct Server {
     pub rt: tokio::runtime::Runtime,
     pub running: Option<Running>,
