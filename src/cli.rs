@@ -302,6 +302,30 @@ pub struct ServeArgs {
     /// Claim naming the caller's environment [default: environment_id].
     #[arg(long, env = "FERRY_JWT_ENVIRONMENT_CLAIM")]
     pub jwt_environment_claim: Option<String>,
+    /// Plain WebSocket listener, e.g. 0.0.0.0:7780 (`ws` endpoints, or behind a TLS proxy).
+    #[arg(long, env = "FERRY_WS_LISTEN")]
+    pub ws_listen: Option<SocketAddr>,
+    /// WebSocket-over-TLS listener, e.g. 0.0.0.0:7781 (`wss` endpoints, for WebGL builds).
+    #[arg(long, env = "FERRY_WSS_LISTEN")]
+    pub wss_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) of the `wss` listener, reloaded when it changes or on SIGHUP.
+    #[arg(long, env = "FERRY_WSS_TLS_CERT")]
+    pub wss_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the `wss` listener.
+    #[arg(long, env = "FERRY_WSS_TLS_KEY")]
+    pub wss_tls_key: Option<PathBuf>,
+    /// DNS name WebSocket clients are told to use [default: the advertise host].
+    #[arg(long, env = "FERRY_WS_PUBLIC_HOST")]
+    pub ws_public_host: Option<String>,
+    /// host:port of a TLS-terminating proxy in front of the ws listener, listed as `wss`.
+    #[arg(long, env = "FERRY_WSS_PUBLIC")]
+    pub wss_public: Option<String>,
+    /// Open WebSocket connections in all [default: 20000].
+    #[arg(long, env = "FERRY_WS_MAX_CONNECTIONS")]
+    pub ws_max_connections: Option<usize>,
+    /// Open WebSocket connections per client IP [default: 64].
+    #[arg(long, env = "FERRY_WS_MAX_CONNECTIONS_PER_IP")]
+    pub ws_max_connections_per_ip: Option<usize>,
     /// HTTPS for the API: certificate chain (PEM), reloaded when it changes or on SIGHUP.
     #[arg(long, env = "FERRY_API_TLS_CERT")]
     pub api_tls_cert: Option<PathBuf>,
@@ -418,6 +442,14 @@ struct FileConfig {
     jwt_project_claim: Option<String>,
     jwt_environment_claim: Option<String>,
     api_anonymous: Option<FileBool>,
+    ws_listen: Option<SocketAddr>,
+    wss_listen: Option<SocketAddr>,
+    wss_tls_cert: Option<PathBuf>,
+    wss_tls_key: Option<PathBuf>,
+    ws_public_host: Option<String>,
+    wss_public: Option<String>,
+    ws_max_connections: Option<usize>,
+    ws_max_connections_per_ip: Option<usize>,
     api_tls_cert: Option<PathBuf>,
     api_tls_key: Option<PathBuf>,
     tenants: Option<Vec<String>>,
@@ -483,6 +515,8 @@ impl ServeArgs {
             max_connections_cap,
             dtls_mtu,
             dtls_halfopen_per_ip,
+            ws_max_connections,
+            ws_max_connections_per_ip,
             max_allocations,
             join_code_length,
             api_tokens,
@@ -505,6 +539,12 @@ impl ServeArgs {
         );
         c.jwt_secret_file = self.jwt_secret_file.or(file.jwt_secret_file);
         c.api_tls_cert = self.api_tls_cert.or(file.api_tls_cert);
+        c.ws_listen = self.ws_listen.or(file.ws_listen);
+        c.wss_listen = self.wss_listen.or(file.wss_listen);
+        c.wss_tls_cert = self.wss_tls_cert.or(file.wss_tls_cert);
+        c.wss_tls_key = self.wss_tls_key.or(file.wss_tls_key);
+        c.ws_public_host = self.ws_public_host.or(file.ws_public_host);
+        c.wss_public = self.wss_public.or(file.wss_public);
         c.api_tls_key = self.api_tls_key.or(file.api_tls_key);
         c.jwt_public_key_file = self.jwt_public_key_file.or(file.jwt_public_key_file);
         c.jwt_jwks_file = self.jwt_jwks_file.or(file.jwt_jwks_file);

@@ -149,6 +149,22 @@ pub struct Config {
     pub jwt_leeway: Duration,
     pub jwt_project_claim: String,
     pub jwt_environment_claim: String,
+    /// Plain WebSocket listener (`ws` endpoints, or behind a TLS-terminating proxy).
+    pub ws_listen: Option<SocketAddr>,
+    /// WebSocket over TLS listener (`wss` endpoints, what WebGL builds use); needs
+    /// `wss_tls_cert` and `wss_tls_key`.
+    pub wss_listen: Option<SocketAddr>,
+    pub wss_tls_cert: Option<PathBuf>,
+    pub wss_tls_key: Option<PathBuf>,
+    /// The DNS name WebSocket clients are told to connect to (a `wss` client checks the
+    /// certificate against it) [default: `advertise`].
+    pub ws_public_host: Option<String>,
+    /// `host:port` of a TLS-terminating proxy in front of `ws_listen`: allocations then list a
+    /// `wss` endpoint there instead of the plain `ws` one.
+    pub wss_public: Option<String>,
+    /// Open WebSocket connections, in all, and per client IP.
+    pub ws_max_connections: usize,
+    pub ws_max_connections_per_ip: usize,
     /// HTTPS for the API: certificate chain and private key (PEM), reloaded when they change.
     pub api_tls_cert: Option<PathBuf>,
     pub api_tls_key: Option<PathBuf>,
@@ -249,6 +265,14 @@ impl Config {
             jwt_project_claim: "project_id".into(),
             jwt_environment_claim: "environment_id".into(),
             api_anonymous: false,
+            ws_listen: None,
+            wss_listen: None,
+            wss_tls_cert: None,
+            wss_tls_key: None,
+            ws_public_host: None,
+            wss_public: None,
+            ws_max_connections: 20_000,
+            ws_max_connections_per_ip: 64,
             api_tls_cert: None,
             api_tls_key: None,
             tenants: Vec::new(),
@@ -324,6 +348,26 @@ impl Config {
                     self.api_listen
                 ),
             ));
+        }
+        match (&self.wss_listen, &self.wss_tls_cert, &self.wss_tls_key) {
+            (Some(_), None, _) => return Err(err("wss_tls_cert", "required with wss_listen")),
+            (Some(_), _, None) => return Err(err("wss_tls_key", "required with wss_listen")),
+            (None, Some(_), _) | (None, _, Some(_)) => {
+                return Err(err("wss_listen", "required with wss_tls_cert/wss_tls_key"))
+            }
+            _ => {}
+        }
+        if let Some(p) = &self.wss_public {
+            if self.ws_listen.is_none() {
+                return Err(err("wss_public", "names the proxy in front of ws_listen, which is not set"));
+            }
+            match p.rsplit_once(':').map(|(h, port)| (h, port.parse::<u16>())) {
+                Some((h, Ok(port))) if !h.is_empty() && port != 0 => {}
+                _ => return Err(err("wss_public", "must be host:port")),
+            }
+        }
+        if self.ws_max_connections == 0 || self.ws_max_connections_per_ip == 0 {
+            return Err(err("ws_max_connections", "must be at least 1 (also ws_max_connections_per_ip)"));
         }
         match (&self.api_tls_cert, &self.api_tls_key) {
             (Some(_), None) => return Err(err("api_tls_key", "required with api_tls_cert")),

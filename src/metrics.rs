@@ -344,3 +344,39 @@ fn dtls(o: &mut String, shards: &[ShardStats]) {
     );
     let _ = writeln!(o, "ferry_dtls_migrations_total {}", t.migrated_out);
 }
+
+/// The WebSocket listeners' counters, and what shards refused to send to WebSocket clients.
+pub fn render_ws(w: &crate::secure::stream::WsStats, shards: &[ShardStats]) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut o = String::new();
+    family(&mut o, "ferry_ws_connections", "gauge", "Open WebSocket connections.");
+    let _ = writeln!(o, "ferry_ws_connections {}", w.active.load(Relaxed));
+    family(&mut o, "ferry_ws_connections_total", "counter", "WebSocket connections, by outcome.");
+    for (r, v) in [
+        ("accepted", &w.accepted),
+        ("refused_capacity", &w.refused_capacity),
+        ("refused_per_ip", &w.refused_per_ip),
+        ("refused_rate", &w.refused_rate),
+        ("tls_failed", &w.tls_failed),
+        ("bad_upgrade", &w.bad_upgrade),
+        ("violation", &w.violations),
+        ("idle", &w.idle_closed),
+    ] {
+        let _ = writeln!(o, "ferry_ws_connections_total{{result=\"{r}\"}} {}", v.load(Relaxed));
+    }
+    family(&mut o, "ferry_ws_messages_total", "counter", "Relay messages over WebSocket, by direction.");
+    let _ = writeln!(o, "ferry_ws_messages_total{{direction=\"in\"}} {}", w.messages_in.load(Relaxed));
+    let _ = writeln!(o, "ferry_ws_messages_total{{direction=\"out\"}} {}", w.messages_out.load(Relaxed));
+    let sum = |f: fn(&ShardStats) -> u64| shards.iter().map(f).sum::<u64>();
+    family(&mut o, "ferry_ws_drops_total", "counter", "WebSocket messages dropped, by reason.");
+    for (r, v) in [
+        ("not_relay", w.not_relay.load(Relaxed)),
+        ("mailbox_full", w.mailbox_full.load(Relaxed)),
+        ("oversize", sum(|s| s.io.ws_oversize)),
+        ("outbox_full", sum(|s| s.io.ws_outbox_full)),
+        ("gone", sum(|s| s.io.ws_gone)),
+    ] {
+        let _ = writeln!(o, "ferry_ws_drops_total{{reason=\"{r}\"}} {v}");
+    }
+    o
+}

@@ -28,6 +28,11 @@ pub struct Running {
     pub state: ApiState,
     /// The API's certificate, when it serves HTTPS (reloaded on SIGHUP or when its files change).
     pub tls: Option<Arc<crate::control::tls::CertStore>>,
+    /// The `wss` listener's certificate (reloaded on SIGHUP or when its files change).
+    pub wss_certs: Option<Arc<crate::control::tls::CertStore>>,
+    /// The WebSocket listeners' bound addresses.
+    pub ws_addr: Option<SocketAddr>,
+    pub wss_addr: Option<SocketAddr>,
     /// The configuration in force (a reload compares against it).
     config: std::sync::Mutex<Config>,
     relay: RelayHandle,
@@ -128,8 +133,13 @@ fn api_limits(cfg: &Config, jwt: Option<crate::control::jwt::JwtVerifier>, anony
 /// Keys a reload cannot change while the relay runs (sockets, shards, identity, key material):
 /// names those that differ in `new` and puts their running values back into it.
 /// The endpoints allocations list, in Unity's terms: `udp` always; `dtls` (network udp, secure)
-/// on the same host and port when DTLS is on.
-fn endpoints(cfg: &Config) -> Vec<crate::client::model::ServerEndpoint> {
+/// on the same host and port when DTLS is on; `ws` and `wss` (network tcp, reliable) on the
+/// WebSocket listeners' ports, or `wss` at the TLS proxy named by `wss_public`.
+fn endpoints(
+    cfg: &Config,
+    ws_port: Option<u16>,
+    wss_port: Option<u16>,
+) -> Vec<crate::client::model::ServerEndpoint> {
     let ep = |kind: &str, network: &str, secure: bool, reliable: bool, host: &str, port: u16| {
         crate::client::model::ServerEndpoint {
             connection_type: kind.into(),
@@ -143,6 +153,19 @@ fn endpoints(cfg: &Config) -> Vec<crate::client::model::ServerEndpoint> {
     let mut v = vec![ep("udp", "udp", false, false, &cfg.advertise, cfg.advertise_port)];
     if cfg.dtls {
         v.push(ep("dtls", "udp", true, false, &cfg.advertise, cfg.advertise_port));
+    }
+    let host = cfg.ws_public_host.as_deref().unwrap_or(&cfg.advertise);
+    match (&cfg.wss_public, ws_port) {
+        (Some(p), _) => {
+            if let Some((h, port)) = p.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse().ok()?))) {
+                v.push(ep("wss", "tcp", true, true, h, port));
+            }
+        }
+        (None, Some(port)) => v.push(ep("ws", "tcp", false, true, host, port)),
+        (None, None) => {}
+    }
+    if let Some(port) = wss_port {
+        v.push(ep("wss", "tcp", true, true, host, port));
     }
     v
 }
@@ -163,6 +186,12 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
         dtls,
         dtls_mtu,
         dtls_halfopen_per_ip,
+        ws_listen,
+        wss_listen,
+        ws_public_host,
+        wss_public,
+        ws_max_connections,
+        ws_max_connections_per_ip,
         shards,
         pin_shards,
         kernel_steering,
@@ -286,11 +315,38 @@ impl Running {
             .collect();
         let (handles, threads) = spawn_all(setups)?;
         let relay = RelayHandle::new(handles);
+        let ws = match cfg.ws_listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| with_context(e, "cannot bind ws_listen", a))?,
+            ),
+            None => None,
+        };
+        let wss = match (cfg.wss_listen, &cfg.wss_tls_cert, &cfg.wss_tls_key) {
+            (Some(a), Some(cert), Some(key)) => {
+                let store = crate::control::tls::CertStore::open(cert.clone(), key.clone()).map_err(|m| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("invalid configuration `wss_tls_cert`: {m}"),
+                    )
+                })?;
+                let l = tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| with_context(e, "cannot bind wss_listen", a))?;
+                Some((l, store))
+            }
+            _ => None,
+        };
+        let ws_port = ws.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+        let wss_port = wss.as_ref().and_then(|(l, _)| l.local_addr().ok()).map(|a| a.port());
+        let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
+        let wss_addr = wss.as_ref().and_then(|(l, _)| l.local_addr().ok());
 
         let service = AllocationService::new(
             relay.clone(),
             ServiceConfig {
-                endpoints: endpoints(&cfg),
+                endpoints: endpoints(&cfg, ws_port, wss_port),
                 advertise: cfg.advertise.clone(),
                 advertise_ipv4: cfg.advertise_ipv4.unwrap_or(std::net::Ipv4Addr::LOCALHOST).to_string(),
                 port: cfg.advertise_port,
@@ -438,6 +494,40 @@ impl Running {
                  set api_tls_cert/api_tls_key or put a TLS-terminating proxy in front"
             );
         }
+        let ws_limits = crate::secure::stream::StreamLimits {
+            max_connections: cfg.ws_max_connections,
+            max_per_ip: cfg.ws_max_connections_per_ip,
+            ..Default::default()
+        };
+        if let Some(l) = ws {
+            let (shards, stats, stop) = (relay.shards(), state.ws.clone(), stop_rx.clone());
+            let limits = ws_limits.clone();
+            tasks.push(tokio::spawn(crate::secure::stream::serve(
+                l, None, shards, limits, stats, clock, stop,
+            )));
+        }
+        let wss_certs = wss.as_ref().map(|(_, s)| s.clone());
+        if let Some((l, store)) = wss {
+            let watched = store.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(crate::control::tls::WATCH_EVERY).await;
+                    let w = watched.clone();
+                    let _ = tokio::task::spawn_blocking(move || w.reload_if_changed()).await;
+                }
+            }));
+            let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config());
+            let (shards, stats, stop) = (relay.shards(), state.ws.clone(), stop_rx.clone());
+            tasks.push(tokio::spawn(crate::secure::stream::serve(
+                l,
+                Some(acceptor),
+                shards,
+                ws_limits,
+                stats,
+                clock,
+                stop,
+            )));
+        }
         let acceptor = tls.as_ref().map(|s| tokio_rustls::TlsAcceptor::from(s.server_config()));
         let api_task = tokio::spawn(crate::control::http::serve(
             listener,
@@ -458,6 +548,8 @@ impl Running {
             gso = cfg.gso,
             stun = cfg.stun,
             dtls = cfg.dtls,
+            ws = ?ws_addr,
+            wss = ?wss_addr,
             api_auth = %auth_mode,
             api_tls = tls.is_some(),
             api_max_connections = api_cap,
@@ -472,6 +564,9 @@ impl Running {
             service,
             state,
             tls,
+            wss_certs,
+            ws_addr,
+            wss_addr,
             config: std::sync::Mutex::new(cfg),
             relay,
             stop_api,
@@ -521,6 +616,14 @@ impl Running {
 
     /// Loads the API's certificate again.
     pub fn reload(&self) {
+        if let Some(t) = &self.wss_certs {
+            match t.reload() {
+                Ok(()) => tracing::info!("SIGHUP: wss certificate reloaded"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "SIGHUP: wss certificate not reloaded; the old one stays")
+                }
+            }
+        }
         if let Some(t) = &self.tls {
             match t.reload() {
                 Ok(()) => tracing::info!("SIGHUP: API certificate reloaded"),

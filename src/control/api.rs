@@ -48,6 +48,8 @@ pub struct ApiState {
     limits: Arc<std::sync::RwLock<Arc<ApiLimits>>>,
     limiters: Arc<Mutex<Limiters>>,
     pub(crate) clock: Clock,
+    /// The WebSocket listeners' counters.
+    pub ws: Arc<crate::secure::stream::WsStats>,
 }
 
 impl ApiState {
@@ -59,6 +61,7 @@ impl ApiState {
             limiters: Arc::new(Mutex::new(Limiters::new(&limits))),
             limits: Arc::new(std::sync::RwLock::new(Arc::new(limits))),
             clock,
+            ws: Arc::new(Default::default()),
         }
     }
 
@@ -346,6 +349,7 @@ async fn metrics(State(st): State<ApiState>) -> Response {
         log_lines_dropped: crate::logging::dropped_lines(),
         log_output_stalled: crate::logging::output_stalled(),
     }));
+    text.push_str(&crate::metrics::render_ws(&st.ws, &shards));
     text.push_str(&crate::metrics::render_tenants(&st.service.tenant_counts()));
     let latency = st.metrics.latency.lock().map(|m| m.clone()).unwrap_or_default();
     text.push_str(&crate::metrics::render_latency("ferry_api_request_duration_seconds", "route", &latency));

@@ -44,6 +44,11 @@ impl RelayHandle {
         Self { shards: shards.into(), next: Arc::new(AtomicUsize::new(0)) }
     }
 
+    /// The shards' mailboxes (for listeners that feed them directly).
+    pub fn shards(&self) -> Arc<[ShardHandle]> {
+        self.shards.clone()
+    }
+
     pub fn shard_count(&self) -> usize {
         self.shards.len()
     }

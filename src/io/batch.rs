@@ -39,10 +39,12 @@ pub(crate) fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
         libc::AF_INET6 => {
             // SAFETY: the family says this storage holds a sockaddr_in6.
             let a = unsafe { &*(s as *const _ as *const libc::sockaddr_in6) };
+            // No flow label: a nonzero flowinfo names a WebSocket peer (`secure::stream_addr`),
+            // never a datagram source.
             Some(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(a.sin6_addr.s6_addr),
                 u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
+                0,
                 a.sin6_scope_id,
             )))
         }

@@ -7,3 +7,5 @@
 
 pub mod dtls;
 pub mod record;
+pub mod stream;
+pub mod ws;

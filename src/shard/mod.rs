@@ -26,6 +26,7 @@ use crate::core::{Action, Control, ControlError, ControlReply, Core, CoreConfig,
 use crate::io::{BatchIo, PacketBatch, SendItem, SendReport, BATCH, BUF_SIZE};
 use crate::secure::dtls::{DtlsConfig, DtlsLayer, Received, Sealed};
 use crate::secure::record;
+use crate::secure::stream::{is_stream, Outbox};
 
 mod uring;
 
@@ -55,6 +56,12 @@ pub struct IoStats {
     pub gso_sends: u64,
     /// GSO runs the kernel refused, sent one datagram at a time instead.
     pub gso_fallbacks: u64,
+    /// Messages not sent to a WebSocket client because they exceed what Unity's client accepts.
+    pub ws_oversize: u64,
+    /// Messages dropped because a WebSocket connection's outbox was full (a slow reader).
+    pub ws_outbox_full: u64,
+    /// Messages for a WebSocket connection that has closed.
+    pub ws_gone: u64,
     /// Time spent waiting for work (in epoll or the ring), in nanoseconds.
     pub idle_ns: u64,
     /// Time since the shard started, in milliseconds (set at each snapshot).
@@ -85,6 +92,12 @@ pub enum ShardMsg {
     Handoff(Handoff),
     /// A DTLS session established on another shard, for the allocation this shard owns.
     AdoptDtls(SocketAddr, Box<crate::secure::dtls::Session>),
+    /// A WebSocket connection (named by its stream address) will send Relay messages here;
+    /// what the core sends to it goes to this outbox.
+    StreamOpen(SocketAddr, Outbox),
+    /// A Relay message from a WebSocket connection.
+    Stream(SocketAddr, Vec<u8>),
+    StreamClosed(SocketAddr),
     Stop,
 }
 
@@ -234,6 +247,8 @@ pub(crate) struct State {
     /// Datagrams beyond the one a received datagram's buffer can carry (handshake flights,
     /// the answers to a second record in one datagram), sent at the end of the turn.
     pending: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Outboxes of the WebSocket connections that have sent messages here.
+    streams: HashMap<SocketAddr, Outbox>,
 }
 
 /// Where a received datagram goes.
@@ -262,6 +277,7 @@ impl State {
             sealed: vec![0; BUF_SIZE],
             mailroom: vec![0; BUF_SIZE],
             pending: VecDeque::new(),
+            streams: HashMap::new(),
             index: setup_index,
             backend,
             core: Core::new(core, now),
@@ -327,9 +343,13 @@ impl State {
         }
     }
 
-    /// Wraps `room[..n]` for `dst`'s transport.
+    /// Wraps `room[..n]` for `dst`'s transport (a WebSocket peer's goes to its outbox here).
     #[inline]
     fn seal(&mut self, dst: SocketAddr, room: &mut [u8], n: usize) -> Verdict {
+        if is_stream(&dst) {
+            self.to_stream(dst, &room[..n]);
+            return Verdict::Done;
+        }
         let Some(d) = self.dtls.as_mut().filter(|d| !d.is_empty()) else { return Verdict::Send(dst, n) };
         match d.seal(&dst, &room[..n], &mut self.sealed) {
             Sealed::Plain => Verdict::Send(dst, n),
@@ -388,6 +408,25 @@ impl State {
         verdict
     }
 
+    fn to_stream(&mut self, dst: SocketAddr, m: &[u8]) {
+        if m.len() > crate::secure::ws::MAX_TO_CLIENT {
+            self.stats.ws_oversize += 1;
+            return;
+        }
+        let Some(tx) = self.streams.get(&dst) else {
+            self.stats.ws_gone += 1;
+            return;
+        };
+        match tx.try_send(m.to_vec()) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => self.stats.ws_outbox_full += 1,
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                self.streams.remove(&dst);
+                self.stats.ws_gone += 1;
+            }
+        }
+    }
+
     fn hand_off(&mut self, owner: usize, src: SocketAddr, d: &[u8]) {
         let msg = ShardMsg::Handoff(Handoff { src, data: d.to_vec() });
         match self.peers[owner].send(msg) {
@@ -418,6 +457,22 @@ impl State {
                     let len = h.data.len().min(room.len());
                     room[..len].copy_from_slice(&h.data[..len]);
                     if let Verdict::Send(dst, n) = self.classify(now, h.src, &mut room, len) {
+                        let r = send_one(&dst, &room[..n]);
+                        self.count(r);
+                    }
+                    self.mailroom = room;
+                }
+                Ok(ShardMsg::StreamOpen(addr, tx)) => {
+                    self.streams.insert(addr, tx);
+                }
+                Ok(ShardMsg::StreamClosed(addr)) => {
+                    self.streams.remove(&addr);
+                }
+                Ok(ShardMsg::Stream(src, data)) => {
+                    let mut room = std::mem::take(&mut self.mailroom);
+                    let len = data.len().min(room.len());
+                    room[..len].copy_from_slice(&data[..len]);
+                    if let Verdict::Send(dst, n) = self.decide(now, src, &mut room, len) {
                         let r = send_one(&dst, &room[..n]);
                         self.count(r);
                     }
