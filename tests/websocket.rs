@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::client::packets;
-use support::{pair, Raw, Server, BIND_RECEIVED};
+use support::{pair, test_pki, Raw, Server, BIND_RECEIVED};
 
 /// A Unity-Transport-shaped WebSocket client over any byte stream.
 struct Ws<S: Read + Write> {
@@ -187,23 +187,6 @@ fn text_frames_and_bad_upgrades_are_refused_with_a_reason() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(srv.metric("ferry_ws_connections_total{result=\"bad_upgrade\"}"), 1);
     assert_eq!(srv.metric("ferry_ws_connections_total{result=\"violation\"}"), 1);
-}
-
-/// A CA and a server certificate for `relay.test` signed by it.
-pub fn test_pki(dir: &std::path::Path) -> rustls::pki_types::CertificateDer<'static> {
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(rcgen::DnType::CommonName, "Ferry test CA");
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["relay.test".to_string()]).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
-    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
-    std::fs::write(dir.join("cert.pem"), leaf_cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    ca_cert.der().clone()
 }
 
 #[test]
