@@ -211,3 +211,91 @@ fn sessions_on_any_shard_reach_the_shard_that_owns_their_allocation() {
     // away from their allocation's shard moved there.
     assert!(srv.metric("ferry_dtls_migrations_total") >= 1);
 }
+
+#[test]
+fn the_sdk_speaks_dtls_and_mixes_with_udp_and_websocket_peers() {
+    use ferry::client::{RelayClient, Transport};
+    let srv = Server::start(|c| c.ws_listen = Some("127.0.0.1:0".parse().unwrap()));
+    let api = srv.api();
+    let h = api.allocate(4, None).unwrap();
+    let code = api.join_code(&h.allocation_id).unwrap();
+    // The host on DTLS, one joiner on WebSocket, one on plain UDP.
+    let mut host = RelayClient::with_transport(&h, Transport::Dtls).unwrap();
+    host.bind().unwrap();
+    let mut peers = Vec::new();
+    for t in [Transport::Ws, Transport::Udp] {
+        let j = api.join(&code).unwrap();
+        let mut c = RelayClient::with_transport(&j.allocation, t).unwrap();
+        c.bind().unwrap();
+        assert_eq!(c.connect_b64(&j.host_connection_data).unwrap(), host.id());
+        peers.push(c);
+    }
+    for (i, p) in peers.iter_mut().enumerate() {
+        p.send(&host.id(), format!("to the dtls host from {i}").as_bytes()).unwrap();
+        let (from, got) = host.recv_relay(Duration::from_secs(5)).unwrap().expect("a relay at the host");
+        assert_eq!((from, got), (p.id(), format!("to the dtls host from {i}").into_bytes()));
+        host.send(&p.id(), format!("back to {i}").as_bytes()).unwrap();
+        let (from, got) = p.recv_relay(Duration::from_secs(5)).unwrap().expect("a relay at the peer");
+        assert_eq!((from, got), (host.id(), format!("back to {i}").into_bytes()));
+    }
+    // A maximum-size UDP message (1434-byte payload) cannot reach the DTLS host: not sent,
+    // counted; the session goes on.
+    peers[1].send(&host.id(), &[0; 1434]).unwrap();
+    peers[1].send(&host.id(), b"small").unwrap();
+    let (_, got) = host.recv_relay(Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!(got, b"small");
+    assert_eq!(srv.metric("ferry_dtls_drops_total{reason=\"oversize\"}"), 1);
+}
+
+#[test]
+fn a_half_open_flood_from_one_address_is_bounded() {
+    use openssl::ssl::{Ssl, SslContext, SslMethod, SslStream};
+    /// Sends its first two datagrams (ClientHello, then with the cookie) and nothing after.
+    struct Dgram(UdpSocket, usize);
+    impl std::io::Read for Dgram {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.0.recv(b)
+        }
+    }
+    impl std::io::Write for Dgram {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.1 += 1;
+            if self.1 > 2 {
+                return Ok(b.len());
+            }
+            self.0.send(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let srv = Server::start(|c| {
+        c.dtls_halfopen_per_ip = 3;
+        c.shards = 1;
+    });
+    let ctx = {
+        let mut b = SslContext::builder(SslMethod::dtls_client()).unwrap();
+        b.set_cipher_list("PSK-AES128-GCM-SHA256").unwrap();
+        b.set_psk_client_callback(|_, _, id, psk| {
+            id[..2].copy_from_slice(b"x\0");
+            psk[..64].copy_from_slice(&[1; 64]);
+            Ok(64)
+        });
+        b.build()
+    };
+    // Each client does the cookie exchange, gets the server's flight, then goes quiet.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.connect(srv.relay_addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut ssl = Ssl::new(&ctx).unwrap();
+        ssl.set_connect_state();
+        let mut st = SslStream::new(ssl, Dgram(s, 0)).unwrap();
+        let _ = st.do_handshake();
+        held.push(st);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(srv.metric("ferry_dtls_sessions{state=\"handshaking\"}"), 3, "three half-open at most");
+    assert!(srv.metric("ferry_dtls_drops_total{reason=\"capacity\"}") >= 7);
+}

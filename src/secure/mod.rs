@@ -8,4 +8,5 @@
 pub mod dtls;
 pub mod record;
 pub mod stream;
-pub mod ws;
+/// The WebSocket protocol, shared with the SDK.
+pub use ferry_proto::ws;

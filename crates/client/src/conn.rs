@@ -2,6 +2,7 @@
 //! PING, re-BIND with a fresh nonce after ERROR 3 or silence, CLOSE. Blocking, one UDP socket.
 //! Timing follows Unity Transport (`docs/protocol.md`, "What UTP does as a client").
 
+use crate::transport::Transport;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::Duration;
@@ -126,6 +127,15 @@ pub struct RelayClient {
     buf: Vec<u8>,
     tx: Vec<u8>,
     nonblocking: bool,
+    link: Link,
+}
+
+/// A secure transport's session, when the client does not use plain UDP.
+enum Link {
+    Udp,
+    #[cfg(feature = "dtls")]
+    Dtls(Box<crate::transport::DtlsLink>),
+    Ws(Box<crate::transport::WsLink>),
 }
 
 impl RelayClient {
@@ -148,6 +158,38 @@ impl RelayClient {
             .map_err(|_| ClientError::BadAllocation("key is not 64 bytes".into()))?;
         let conn = b64("connectionData", &a.connection_data)?;
         Self::from_parts(relay, AllocationId(id), AllocationKey(key), conn)
+    }
+
+    /// A client that reaches the relay through `transport` (the allocation's endpoint of that
+    /// kind): DTLS handshakes, or the WebSocket connects and upgrades, before this returns.
+    /// [`socket`](Self::socket), [`accept`](Self::accept), [`send_with`](Self::send_with) and
+    /// [`migrate_socket`](Self::migrate_socket) are for plain UDP only.
+    pub fn with_transport(a: &Allocation, transport: Transport) -> Result<Self, ClientError> {
+        let kind = transport.connection_type();
+        let ep = a
+            .server_endpoints
+            .iter()
+            .find(|e| e.connection_type == kind)
+            .ok_or_else(|| ClientError::BadAllocation(format!("no {kind} server endpoint")))?;
+        let addr = (ep.host.as_str(), ep.port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| ClientError::BadAllocation(format!("cannot resolve {}", ep.host)))?;
+        let mut c = Self::new(a)?;
+        c.relay = addr;
+        c.link = match transport {
+            Transport::Udp => Link::Udp,
+            #[cfg(feature = "dtls")]
+            Transport::Dtls => {
+                Link::Dtls(Box::new(crate::transport::DtlsLink::open(&c.sock, addr, &c.id.0, &c.key.0)?))
+            }
+            Transport::Ws => Link::Ws(Box::new(crate::transport::WsLink::open(addr, None)?)),
+            Transport::Wss { ca_file } => Link::Ws(Box::new(crate::transport::WsLink::open(
+                addr,
+                Some((ep.host.as_str(), ca_file.as_deref())),
+            )?)),
+        };
+        Ok(c)
     }
 
     /// A client from raw parts (e.g. from the control socket).
@@ -177,6 +219,7 @@ impl RelayClient {
             buf: vec![0u8; 2048],
             tx: vec![0u8; 2048],
             nonblocking: false,
+            link: Link::Udp,
         })
     }
 
@@ -220,6 +263,9 @@ impl RelayClient {
     /// what is already there (`None`, non-blocking use). Datagrams that are not from the relay or
     /// not for this allocation are skipped, as UTP does.
     fn next_message(&mut self, deadline: Option<Millis>) -> Result<Option<Incoming>, ClientError> {
+        if !matches!(self.link, Link::Udp) {
+            return self.next_secure(deadline);
+        }
         loop {
             if let Some(d) = deadline {
                 let now = self.clock.now();
@@ -245,6 +291,38 @@ impl RelayClient {
             if let Some(m) = self.decode(n) {
                 self.last_recv = self.clock.now();
                 return Ok(Some(m));
+            }
+        }
+    }
+
+    /// [`next_message`](Self::next_message) over DTLS or WebSocket.
+    fn next_secure(&mut self, deadline: Option<Millis>) -> Result<Option<Incoming>, ClientError> {
+        loop {
+            let wait = match deadline {
+                Some(d) => {
+                    let now = self.clock.now();
+                    if now >= d {
+                        return Ok(None);
+                    }
+                    Some(Duration::from_millis(d - now))
+                }
+                None => None,
+            };
+            let got = match &mut self.link {
+                Link::Udp => None,
+                #[cfg(feature = "dtls")]
+                Link::Dtls(l) => l.recv(&mut self.buf, wait)?,
+                Link::Ws(l) => l.recv(&mut self.buf, wait)?,
+            };
+            match got {
+                Some(n) => {
+                    if let Some(m) = self.decode(n) {
+                        self.last_recv = self.clock.now();
+                        return Ok(Some(m));
+                    }
+                }
+                None if deadline.is_none() => return Ok(None),
+                None => {}
             }
         }
     }
@@ -345,7 +423,14 @@ impl RelayClient {
     }
 
     fn send_raw(&mut self, d: &[u8]) -> Result<(), ClientError> {
-        self.sock.send_to(d, self.relay)?;
+        match &mut self.link {
+            Link::Udp => {
+                self.sock.send_to(d, self.relay)?;
+            }
+            #[cfg(feature = "dtls")]
+            Link::Dtls(l) => l.send(d)?,
+            Link::Ws(l) => l.send(d)?,
+        }
         self.last_sent = self.clock.now();
         Ok(())
     }

@@ -29,6 +29,7 @@ pub mod conn;
 pub mod demo;
 pub mod http;
 pub mod packets;
+pub mod transport;
 pub mod tunnel;
 
 pub use api::{ApiClient, ApiError};
@@ -36,3 +37,4 @@ pub use api::{ApiClient, ApiError};
 // The formats, under the paths the SDK's modules use.
 pub use conn::{ClientError, ClientOptions, Incoming, Received, RelayClient};
 pub use ferry_proto::{auth, clock, model, units, wire};
+pub use transport::Transport;

@@ -10,3 +10,4 @@ pub mod clock;
 pub mod model;
 pub mod units;
 pub mod wire;
+pub mod ws;

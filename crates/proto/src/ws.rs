@@ -1,5 +1,6 @@
-//! The WebSocket protocol (RFC 6455), server side, as Unity Transport's `ws`/`wss` clients and
-//! browsers speak it to a relay. Sans-IO: bytes in, frames and answers out.
+//! The WebSocket protocol (RFC 6455) as Unity Transport's `ws`/`wss` clients and browsers speak
+//! it to a relay: the relay's side, and the SDK's client side. Sans-IO: bytes in, frames and
+//! answers out.
 //!
 //! - The upgrade: `GET <any path> HTTP/1.1` with `Upgrade: websocket`, `Connection: upgrade`,
 //!   `Sec-WebSocket-Version: 13` and a key. The 101 names no subprotocol and no extension (Unity's
@@ -170,9 +171,12 @@ impl Violation {
     }
 }
 
-/// Reassembles client frames from a byte stream. Holds at most one message being reassembled.
+/// Reassembles frames from a byte stream: a relay's decoder takes only masked frames (a client
+/// must mask), a client's only unmasked ones. Holds at most one message being reassembled.
 #[derive(Debug, Default)]
 pub struct Decoder {
+    /// Frames come from the server (unmasked), not from a client.
+    from_server: bool,
     /// A fragmented binary message in progress.
     partial: Vec<u8>,
     fragmented: bool,
@@ -181,6 +185,11 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// The decoder of a client (it reads the server's unmasked frames).
+    pub fn client() -> Self {
+        Self { from_server: true, ..Self::default() }
+    }
+
     /// Reads one frame from the start of `buf`. `Ok(None)` when more bytes are needed; otherwise
     /// the bytes consumed and the frame, if it completed one (a non-final fragment completes
     /// nothing).
@@ -190,7 +199,7 @@ impl Decoder {
         if rsv != 0 {
             return Err(Violation::ReservedBits);
         }
-        if b1 & 0x80 == 0 {
+        if (b1 & 0x80 == 0) != self.from_server {
             return Err(Violation::Unmasked);
         }
         let (len, mut at) = match b1 & 0x7F {
@@ -211,9 +220,12 @@ impl Decoder {
         if len > MAX_MESSAGE as u64 {
             return Err(Violation::TooBig);
         }
-        let Some(mask) = buf.get(at..at + 4) else { return Ok(None) };
-        let mask = [mask[0], mask[1], mask[2], mask[3]];
-        at += 4;
+        let mut mask = [0u8; 4];
+        if !self.from_server {
+            let Some(m) = buf.get(at..at + 4) else { return Ok(None) };
+            mask.copy_from_slice(m);
+            at += 4;
+        }
         let len = len as usize;
         let Some(data) = buf.get(at..at + len) else { return Ok(None) };
         self.payload.clear();
@@ -286,6 +298,63 @@ pub fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Appends a client frame, masked with `mask` (RFC 6455 §5.3: a fresh unpredictable key per
+/// frame).
+pub fn encode_masked(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    let start = out.len();
+    encode(out, opcode, payload);
+    out[start + 1] |= 0x80;
+    let at = out.len() - payload.len();
+    out.splice(at..at, mask);
+    for (i, b) in out[at + 4..].iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+/// A client's upgrade request, byte for byte what Unity Transport's native client sends.
+pub fn upgrade_request(host: &str, path: &str, key: &[u8; 16]) -> String {
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+    )
+}
+
+/// Checks a server's answer to [`upgrade_request`] the way Unity Transport does: `101`,
+/// `Upgrade: websocket`, `Connection` with `upgrade`, the right accept value, and neither a
+/// subprotocol nor an extension. Returns the head's length (`Ok(None)` while incomplete).
+pub fn check_upgrade_response(buf: &[u8], key: &[u8; 16]) -> Result<Option<usize>, &'static str> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else {
+        return if buf.len() >= MAX_HEAD { Err("answer head too large") } else { Ok(None) };
+    };
+    let head = std::str::from_utf8(&buf[..end]).map_err(|_| "answer is not text")?;
+    if !head.starts_with("HTTP/1.1 101 ") {
+        return Err("the relay did not switch protocols");
+    }
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    let want = base64::engine::general_purpose::STANDARD
+        .encode(Sha1::new().chain_update(&key).chain_update(GUID).finalize());
+    let (mut upgrade, mut connection, mut accept) = (false, false, false);
+    for line in head.split("\r\n").skip(1) {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "upgrade" => upgrade = value.eq_ignore_ascii_case("websocket"),
+            "connection" => connection = value.to_ascii_lowercase().contains("upgrade"),
+            "sec-websocket-accept" => accept = value == want,
+            "sec-websocket-protocol" | "sec-websocket-extensions" => {
+                return Err("the relay named a subprotocol or an extension")
+            }
+            _ => {}
+        }
+    }
+    if upgrade && connection && accept {
+        Ok(Some(end))
+    } else {
+        Err("bad upgrade answer")
+    }
+}
+
 /// A close frame with `code`.
 pub fn encode_close(out: &mut Vec<u8>, code: u16) {
     encode(out, 0x8, &code.to_be_bytes());
@@ -345,6 +414,25 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         assert_eq!(d.decode(&masked(0x2, true, &[0; 1473])), Err(Violation::TooBig));
         assert_eq!(d.decode(&masked(0x0, true, b"x")), Err(Violation::BadContinuation));
         assert_eq!(d.decode(&[0xC2, 0x80, 0, 0, 0, 0]), Err(Violation::ReservedBits));
+    }
+
+    #[test]
+    fn a_client_round_trip() {
+        let key = [7u8; 16];
+        let req = upgrade_request("127.0.0.1:7778", "/", &key);
+        let (n, answer) = accept_upgrade(req.as_bytes()).unwrap();
+        assert_eq!(n, req.len());
+        assert_eq!(check_upgrade_response(answer.as_bytes(), &key), Ok(Some(answer.len())));
+        assert!(check_upgrade_response(answer.as_bytes(), &[8; 16]).is_err());
+        let mut f = Vec::new();
+        encode_masked(&mut f, 0x2, &[9; 200], [1, 2, 3, 4]);
+        let mut server = Decoder::default();
+        assert_eq!(server.decode(&f).unwrap(), Some((f.len(), Some(Frame::Binary(&[9; 200])))));
+        let mut back = Vec::new();
+        encode(&mut back, 0x2, b"reply");
+        let mut client = Decoder::client();
+        assert_eq!(client.decode(&back).unwrap(), Some((back.len(), Some(Frame::Binary(b"reply")))));
+        assert_eq!(client.decode(&f), Err(Violation::Unmasked));
     }
 
     #[test]
