@@ -239,3 +239,36 @@ fn a_proxy_in_front_of_ws_is_advertised_as_wss() {
     assert!(kinds.contains(&("wss", "relay.example.com", 443)), "{kinds:?}");
     assert!(!kinds.iter().any(|k| k.0 == "ws"), "{kinds:?}");
 }
+
+#[test]
+fn the_sdk_relays_over_wss_trusting_a_given_ca() {
+    use ferry::client::{RelayClient, Transport};
+    let dir = std::env::temp_dir().join(format!("ferry-wss-sdk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    test_pki(&dir);
+    let srv = Server::start(|c| {
+        c.wss_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.wss_tls_cert = Some(dir.join("cert.pem"));
+        c.wss_tls_key = Some(dir.join("key.pem"));
+        c.ws_public_host = Some("localhost".into());
+    });
+    let api = srv.api();
+    let h = api.allocate(2, None).unwrap();
+    let j = api.join(&api.join_code(&h.allocation_id).unwrap()).unwrap();
+    let mut host = RelayClient::new(&h).unwrap();
+    host.bind().unwrap();
+    let wss = Transport::Wss { ca_file: Some(dir.join("ca.pem")) };
+    let mut peer = RelayClient::with_transport(&j.allocation, wss).unwrap();
+    peer.bind().unwrap();
+    assert_eq!(peer.connect_b64(&j.host_connection_data).unwrap(), host.id());
+    peer.send(&host.id(), b"sdk over wss").unwrap();
+    assert_eq!(
+        host.recv_relay(Duration::from_secs(5)).unwrap().unwrap(),
+        (peer.id(), b"sdk over wss".to_vec())
+    );
+    host.send(&peer.id(), b"and back").unwrap();
+    assert_eq!(peer.recv_relay(Duration::from_secs(5)).unwrap().unwrap(), (host.id(), b"and back".to_vec()));
+    // Without the CA the certificate is refused.
+    assert!(RelayClient::with_transport(&j.allocation, Transport::Wss { ca_file: None }).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -357,14 +357,15 @@ impl Drop for Tunnels {
     }
 }
 
-/// A CA and a server certificate for `relay.test` signed by it.
+/// A CA and a server certificate for `relay.test` and `localhost` signed by it.
 pub fn test_pki(dir: &std::path::Path) -> rustls::pki_types::CertificateDer<'static> {
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca.distinguished_name.push(rcgen::DnType::CommonName, "Ferry test CA");
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["relay.test".to_string()]).unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(vec!["relay.test".to_string(), "localhost".to_string()]).unwrap();
     let leaf_key = rcgen::KeyPair::generate().unwrap();
     let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
     let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
