@@ -375,3 +375,60 @@ pub fn core_sequence(data: &[u8]) {
     assert_eq!(core.allocations(), 0);
     let _ = ControlReply::Released;
 }
+
+/// DTLS demultiplexing and the layer's handling of whatever arrives: never a panic, and nothing
+/// sent in answer is larger than the datagram that caused it (nothing here can forge a cookie,
+/// so no handshake gets past the stateless exchange).
+pub fn dtls_records(data: &[u8]) {
+    use crate::secure::{dtls, record};
+    thread_local! {
+        static CTX: openssl::ssl::SslContext =
+            dtls::server_context(&[3; 64]).expect("a DTLS context");
+    }
+    let mut layer = CTX.with(|c| dtls::DtlsLayer::new(c.clone(), [3; 64], dtls::DtlsConfig::default()));
+    let mut plain = vec![0u8; 2048];
+    let srcs: [SocketAddr; 2] =
+        ["192.0.2.1:1000".parse().expect("addr"), "[2001:db8::1]:9".parse().expect("addr")];
+    let mut now = 0;
+    for (i, d) in data.split(|&b| b == 0xFF).enumerate().take(16) {
+        let _ = record::well_formed(d);
+        let _ = record::psk_identity(d).map(record::identity_id);
+        let _ = record::is_client_hello(d);
+        let src = srcs[i % 2];
+        let _ = layer.receive(now, src, d, &mut plain);
+        while let Some((to, out)) = layer.poll_transmit() {
+            assert_eq!(to, src);
+            assert!(out.len() <= d.len(), "answered {} bytes to {}", out.len(), d.len());
+        }
+        let _ = layer.seal(&src, d, &mut plain);
+        now += 700;
+        layer.poll(now);
+    }
+}
+
+/// WebSocket upgrades and frames from a client, fed in arbitrary chunks: never a panic, binary
+/// messages never over the limit.
+pub fn ws_frames(data: &[u8]) {
+    use crate::secure::ws;
+    let _ = ws::accept_upgrade(data);
+    let _ = ws::check_upgrade_response(data, &[1; 16]);
+    for mut dec in [ws::Decoder::default(), ws::Decoder::client()] {
+        let mut buf = Vec::new();
+        for chunk in data.chunks(7) {
+            buf.extend_from_slice(chunk);
+            loop {
+                match dec.decode(&buf) {
+                    Ok(Some((used, frame))) => {
+                        if let Some(ws::Frame::Binary(m)) = frame {
+                            assert!(m.len() <= ws::MAX_MESSAGE);
+                        }
+                        assert!(used > 0 && used <= buf.len());
+                        buf.drain(..used);
+                    }
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}

@@ -30,6 +30,26 @@ proptest! {
     }
 
     #[test]
+    fn dtls_records(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        harness::dtls_records(&data);
+    }
+
+    #[test]
+    fn dtls_records_near_valid(ct in 20u8..26, epoch in 0u16..3, body in prop::collection::vec(any::<u8>(), 0..120)) {
+        let mut d = vec![ct, 0xFE, 0xFD];
+        d.extend_from_slice(&epoch.to_be_bytes());
+        d.extend_from_slice(&[0; 6]);
+        d.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        d.extend_from_slice(&body);
+        harness::dtls_records(&d);
+    }
+
+    #[test]
+    fn ws_frames(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        harness::ws_frames(&data);
+    }
+
+    #[test]
     fn stun_view(data in prop::collection::vec(any::<u8>(), 0..600)) {
         harness::stun_view(&data);
     }
