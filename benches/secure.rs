@@ -77,7 +77,10 @@ fn id_index() -> openssl::ex_data::Index<Ssl, [u8; 16]> {
 }
 
 fn src(i: u32) -> SocketAddr {
-    SocketAddr::from(([198, 18 + (i >> 24) as u8 % 2, (i >> 16) as u8, (i >> 8) as u8], 1024 + (i & 0xFF) as u16))
+    SocketAddr::from((
+        [198, 18 + (i >> 24) as u8 % 2, (i >> 16) as u8, (i >> 8) as u8],
+        1024 + (i & 0xFF) as u16,
+    ))
 }
 
 /// One handshake in memory; returns the nanoseconds spent in the server's layer.
@@ -91,10 +94,10 @@ fn handshake(layer: &mut DtlsLayer, ctx: &SslContext, clock: &Clock, i: u32, now
     let mut c = SslStream::new(ssl, Pipe::default()).unwrap();
     let mut plain = vec![0u8; 2048];
     let mut server_ns = 0;
+    let mut established = false;
     for _ in 0..10 {
         let done = c.do_handshake().is_ok();
         let sent = std::mem::take(&mut c.get_mut().tx);
-        let mut established = false;
         for d in sent {
             let t = clock.nanos();
             let r = layer.receive(now, src(i), &d, &mut plain);
@@ -102,6 +105,7 @@ fn handshake(layer: &mut DtlsLayer, ctx: &SslContext, clock: &Clock, i: u32, now
             established |= matches!(r, Received::Established(_));
         }
         if done && established {
+            while layer.poll_transmit().is_some() {}
             return server_ns;
         }
         let t = clock.nanos();
@@ -297,7 +301,8 @@ fn cpu_ticks(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn forward() {
@@ -305,7 +310,7 @@ fn forward() {
     let api = ApiClient::new(r.api.clone());
     let ca = r.dir.join("ca.pem");
     if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.get(1).copied()) {
-        core_affinity::set_for_current_thread(core);
+        core_affinity::set_for_current(core);
     }
     let ticks_per_s = 100.0;
     println!("forward: joiner → host, windows of 32, 5 rounds of 3 s each; median rate and relay CPU");
@@ -373,6 +378,14 @@ fn main() {
         } else {
             dtls_memory();
         }
+    }
+    if which.iter().any(|w| w == "probe") {
+        let ctx = server_context(&SECRET).unwrap();
+        let before = rss_bytes("self");
+        let v: Vec<_> =
+            (0..10_000).map(|_| SslStream::new(Ssl::new(&ctx).unwrap(), Pipe::default()).unwrap()).collect();
+        println!("probe: {} bytes per fresh SSL", (rss_bytes("self") - before) / 10_000);
+        drop(v);
     }
     if on("wss-memory") {
         wss_memory();

@@ -284,7 +284,9 @@ fn dtls(o: &mut String, shards: &[ShardStats]) {
             migrated_out,
             migrated_in,
             sessions,
-            halfopen
+            halfopen,
+            offloaded,
+            final_flight_resent
         );
     }
     family(o, "ferry_dtls_sessions", "gauge", "DTLS sessions, by state.");
@@ -336,6 +338,15 @@ fn dtls(o: &mut String, shards: &[ShardStats]) {
     family(o, "ferry_dtls_sessions_ended_total", "counter", "Established DTLS sessions ended, by reason.");
     let _ = writeln!(o, "ferry_dtls_sessions_ended_total{{reason=\"closed\"}} {}", t.closed_by_peer);
     let _ = writeln!(o, "ferry_dtls_sessions_ended_total{{reason=\"idle\"}} {}", t.idle_expired);
+    family(
+        o,
+        "ferry_dtls_offloaded_total",
+        "counter",
+        "Established DTLS sessions whose records Ferry protects itself (OpenSSL's session freed).",
+    );
+    let _ = writeln!(o, "ferry_dtls_offloaded_total {}", t.offloaded);
+    family(o, "ferry_dtls_final_flight_resent_total", "counter", "Final handshake flights sent again.");
+    let _ = writeln!(o, "ferry_dtls_final_flight_resent_total {}", t.final_flight_resent);
     family(
         o,
         "ferry_dtls_migrations_total",

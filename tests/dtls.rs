@@ -73,6 +73,7 @@ fn an_mbedtls_client_runs_a_whole_session_with_a_udp_host() {
     assert_eq!(srv.metric("ferry_dtls_sessions_ended_total{reason=\"closed\"}"), 1);
     assert_eq!(srv.metric("ferry_dtls_handshakes_total{result=\"completed\"}"), 1);
     assert_eq!(srv.metric("ferry_dtls_hello_verify_total"), 1, "the handshake began with a cookie exchange");
+    assert_eq!(srv.metric("ferry_dtls_offloaded_total"), 1, "records protected by Ferry after the handshake");
 }
 
 #[test]
@@ -121,8 +122,9 @@ fn a_wrong_key_never_establishes_and_the_handshake_slot_is_freed() {
     assert_eq!(srv.metric("ferry_dtls_sessions{state=\"established\"}"), 0);
 }
 
-/// A UDP proxy that drops the relay's `drop`-th datagram (counting from 1) on its way back.
-fn lossy_proxy(relay: SocketAddr, drop: usize) -> SocketAddr {
+/// A UDP proxy that drops the relay's datagrams on their way back when `drop(n, datagram)` says
+/// so (`n` counts from 1).
+fn lossy_proxy(relay: SocketAddr, mut drop: impl FnMut(usize, &[u8]) -> bool + Send + 'static) -> SocketAddr {
     let outer = UdpSocket::bind("127.0.0.1:0").unwrap();
     let inner = UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = outer.local_addr().unwrap();
@@ -140,7 +142,7 @@ fn lossy_proxy(relay: SocketAddr, drop: usize) -> SocketAddr {
             }
             if let (Ok((n, _)), Some(c)) = (inner.recv_from(&mut buf), client) {
                 back += 1;
-                if back != drop {
+                if !drop(back, &buf[..n]) {
                     let _ = outer.send_to(&buf[..n], c);
                 }
             }
@@ -154,7 +156,7 @@ fn a_lost_server_flight_is_sent_again() {
     let srv = Server::start(|_| {});
     let (host, j) = session(&srv);
     // Datagram 1 is the HelloVerifyRequest; 2 opens the ServerHello flight: lose it.
-    let via = lossy_proxy(srv.relay_addr(), 2);
+    let via = lossy_proxy(srv.relay_addr(), |n, _| n == 2);
     let mut pipe = MbedPipe::start(via, Identity::Raw(&j.id.0), &j.key.0);
     pipe.connected();
     join(&mut pipe, &j, &host, 0);
@@ -298,4 +300,26 @@ fn a_half_open_flood_from_one_address_is_bounded() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(srv.metric("ferry_dtls_sessions{state=\"handshaking\"}"), 3, "three half-open at most");
     assert!(srv.metric("ferry_dtls_drops_total{reason=\"capacity\"}") >= 7);
+}
+
+#[test]
+fn a_lost_final_flight_is_sent_again_after_the_handshake() {
+    let srv = Server::start(|_| {});
+    let (host, j) = session(&srv);
+    // Lose the server's ChangeCipherSpec and its Finished (epoch 1) once: the client repeats its
+    // final flight, and the relay, whose handshake is over, answers with its own again.
+    let mut lost = 0;
+    let via = lossy_proxy(srv.relay_addr(), move |_, d| {
+        let final_flight = d[0] == 20 || (d[0] == 22 && d.get(3..5) == Some(&[0, 1]));
+        if final_flight && lost < 2 {
+            lost += 1;
+            return true;
+        }
+        false
+    });
+    let mut pipe = MbedPipe::start(via, Identity::Raw(&j.id.0), &j.key.0);
+    pipe.connected();
+    join(&mut pipe, &j, &host, 0);
+    assert_eq!(srv.metric("ferry_dtls_offloaded_total"), 1);
+    assert!(srv.metric("ferry_dtls_final_flight_resent_total") >= 1);
 }

@@ -35,6 +35,7 @@ use openssl::ssl::{
 };
 
 use super::record;
+use super::records::{Records, Suite};
 use crate::clock::Millis;
 use crate::wire::AllocationId;
 
@@ -113,6 +114,10 @@ pub struct DtlsStats {
     /// Relay messages not sent to a DTLS client because they would not fit its MTU.
     pub oversize: u64,
     pub closed_by_peer: u64,
+    /// Established sessions whose records Ferry protects itself (OpenSSL's session freed).
+    pub offloaded: u64,
+    /// Final flights sent again after the handshake (the client had not got them).
+    pub final_flight_resent: u64,
     pub idle_expired: u64,
     pub migrated_out: u64,
     pub migrated_in: u64,
@@ -173,7 +178,15 @@ enum Phase {
 /// One client's DTLS session. `Send`, so a shard can hand it to the shard that owns its
 /// allocation.
 pub struct Session {
-    stream: SslStream<Pipe>,
+    /// OpenSSL's session: through the handshake, and after it for a suite Ferry does not take
+    /// over.
+    stream: Option<SslStream<Pipe>>,
+    /// The record layer Ferry runs itself once the handshake is done (AEAD suites).
+    records: Option<Box<Records>>,
+    /// The server's final flight (ChangeCipherSpec, Finished), sent again if the client repeats
+    /// its own (it did not get ours) until its first application record arrives.
+    last_flight: Option<Box<[u8]>>,
+    resent_at: Millis,
     phase: Phase,
     last_rx: Millis,
     /// The allocation named by the PSK identity, once the handshake has read it.
@@ -248,6 +261,12 @@ pub fn server_context(secret: &[u8; 64]) -> Result<SslContext, ErrorStack> {
             | SslOptions::COOKIE_EXCHANGE,
     );
     b.set_mode(SslMode::RELEASE_BUFFERS);
+    // Records never exceed a datagram: size the write buffer for one (OpenSSL's default is 16 KiB
+    // per session).
+    // SAFETY: a live context; SSL_CTRL_SET_MAX_SEND_FRAGMENT takes a length and no pointer.
+    unsafe {
+        openssl_sys::SSL_CTX_ctrl(b.as_ptr(), SSL_CTRL_SET_MAX_SEND_FRAGMENT, 1472, std::ptr::null_mut());
+    }
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
     let cookie_key = crate::auth::PreKeyedHmac::new(&derive(secret, b"ferry dtls cookie"));
     let verify_key = cookie_key.clone();
@@ -299,6 +318,19 @@ fn cookie(key: &crate::auth::PreKeyedHmac, peer: Option<SocketAddr>, bucket: u64
     c
 }
 
+/// The record layer of a finished handshake, when its suite is one Ferry protects itself.
+fn offload(stream: &SslStream<Pipe>) -> Option<Records> {
+    let ssl = stream.ssl();
+    let suite = Suite::from_openssl(ssl.current_cipher()?.name())?;
+    let mut master = [0u8; 48];
+    let n = ssl.session()?.master_key(&mut master);
+    let (mut cr, mut sr) = ([0u8; 32], [0u8; 32]);
+    if n != 48 || ssl.client_random(&mut cr) != 32 || ssl.server_random(&mut sr) != 32 {
+        return None;
+    }
+    Records::server(suite, &master, &cr, &sr)
+}
+
 extern "C" {
     fn DTLSv1_listen(s: *mut openssl_sys::SSL, client: *mut std::ffi::c_void) -> std::ffi::c_int;
     fn BIO_ADDR_new() -> *mut std::ffi::c_void;
@@ -306,6 +338,7 @@ extern "C" {
 }
 
 const DTLS_CTRL_HANDLE_TIMEOUT: std::ffi::c_int = 74;
+const SSL_CTRL_SET_MAX_SEND_FRAGMENT: std::ffi::c_int = 52;
 
 impl DtlsLayer {
     pub fn new(ctx: SslContext, secret: [u8; 64], cfg: DtlsConfig) -> Self {
@@ -393,6 +426,10 @@ impl DtlsLayer {
             self.stats.stray_hellos += 1;
             return (Received::Dropped, true);
         }
+        if s.records.is_some() {
+            return self.feed_offloaded(now, src, s, d, plain);
+        }
+        let Some(mut stream) = s.stream.take() else { return (Received::Dropped, false) };
         let mut psk = None;
         if let Some(identity) = record::psk_identity(d) {
             let id = record::identity_id(identity);
@@ -400,16 +437,18 @@ impl DtlsLayer {
             psk = id.map(|id| crate::core::allocation_key(&self.secret, &id));
         }
         CALL.with(|c| c.set(CallContext { now, peer: Some(src), psk }));
-        self.lend(&mut s.stream, d);
+        self.lend(&mut stream, d);
+        let mut finished = false;
         let out = match s.phase {
-            Phase::Handshaking { .. } => match s.stream.do_handshake() {
+            Phase::Handshaking { .. } => match stream.do_handshake() {
                 Ok(()) => {
                     s.phase = Phase::Established;
                     s.last_rx = now;
                     self.halfopen_done(src.ip());
                     self.stats.handshakes_completed += 1;
+                    finished = true;
                     // Application data may ride in the same datagram as the Finished message.
-                    let open = self.read_records(s, plain);
+                    let open = self.read_records(&mut stream, plain);
                     (Received::Established(s.id), open)
                 }
                 Err(e) if e.code() == ErrorCode::WANT_READ => (Received::Handshake, true),
@@ -422,20 +461,79 @@ impl DtlsLayer {
             },
             Phase::Established => {
                 s.last_rx = now;
-                let open = self.read_records(s, plain);
+                let open = self.read_records(&mut stream, plain);
                 (if self.ends.is_empty() { Received::Dropped } else { Received::Records }, open)
             }
         };
-        self.take_back(src, &mut s.stream);
+        let queued = self.transmits.len();
+        self.take_back(src, &mut stream);
+        if finished {
+            if let Some(r) = offload(&stream) {
+                // What take_back just queued is the final flight; OpenSSL's session is freed.
+                let flight: Vec<u8> =
+                    self.transmits.range(queued..).flat_map(|(_, d)| d.iter().copied()).collect();
+                s.records = Some(Box::new(r));
+                s.last_flight = Some(flight.into_boxed_slice());
+                self.stats.offloaded += 1;
+                return out;
+            }
+        }
+        s.stream = Some(stream);
         out
+    }
+
+    /// An established session on a suite Ferry protects itself.
+    fn feed_offloaded(
+        &mut self,
+        now: Millis,
+        src: SocketAddr,
+        s: &mut Session,
+        d: &[u8],
+        plain: &mut [u8],
+    ) -> (Received, bool) {
+        let Some(rec) = s.records.as_mut() else { return (Received::Dropped, false) };
+        let (mut at, mut resend, mut open) = (0, false, true);
+        for r in record::Records::new(d) {
+            match r.content_type {
+                // The client repeats its final flight: ours was lost.
+                record::HANDSHAKE | record::CHANGE_CIPHER_SPEC => resend = s.last_flight.is_some(),
+                _ => match rec.open(&r, &mut plain[at..]) {
+                    Ok(o) if o.content_type == record::APPLICATION_DATA => {
+                        self.ends.push((at, at + o.len));
+                        at += o.len;
+                        s.last_flight = None;
+                        s.last_rx = now;
+                    }
+                    Ok(o) => {
+                        // An alert: a close_notify or any fatal alert ends the session.
+                        let (level, desc) = (plain.get(at).copied(), plain.get(at + 1).copied());
+                        if o.len == 2 && (level == Some(2) || desc == Some(0)) {
+                            self.stats.closed_by_peer += 1;
+                            open = false;
+                        }
+                    }
+                    Err(_) => self.stats.records_refused += 1,
+                },
+            }
+        }
+        // The address is proven (cookie exchange); resends are still paced, so a spoofed
+        // record cannot turn into a stream of them.
+        if let (true, Some(f)) = (resend, &s.last_flight) {
+            if now >= s.resent_at + 500 {
+                s.resent_at = now;
+                self.stats.final_flight_resent += 1;
+                self.transmits.push_back((src, f.to_vec()));
+            }
+        }
+        (if self.ends.is_empty() { Received::Dropped } else { Received::Records }, open)
     }
 
     /// Reads every application record OpenSSL has into `plain` (bounds in `self.ends`). False
     /// once the peer has closed the session.
-    fn read_records(&mut self, s: &mut Session, plain: &mut [u8]) -> bool {
+    fn read_records(&mut self, stream: &mut SslStream<Pipe>, plain: &mut [u8]) -> bool {
         let mut at = 0;
         loop {
-            match s.stream.ssl_read(&mut plain[at..]) {
+            match stream.ssl_read(&mut plain[at..]) {
                 Ok(n) => {
                     self.ends.push((at, at + n));
                     at += n;
@@ -519,8 +617,15 @@ impl DtlsLayer {
         self.take_back(src, &mut l);
         match r {
             Err(e) if e.code() == ErrorCode::WANT_READ => {
-                let s =
-                    Session { stream: l, phase: Phase::Handshaking { since: now }, last_rx: now, id: None };
+                let s = Session {
+                    stream: Some(l),
+                    records: None,
+                    last_flight: None,
+                    resent_at: 0,
+                    phase: Phase::Handshaking { since: now },
+                    last_rx: now,
+                    id: None,
+                };
                 self.sessions.insert(src, s);
                 Received::Handshake
             }
@@ -571,9 +676,19 @@ impl DtlsLayer {
             self.stats.oversize += 1;
             return Sealed::Refused;
         }
-        std::mem::swap(s.stream.get_mut(), &mut self.lent);
-        let r = s.stream.ssl_write(msg);
-        std::mem::swap(s.stream.get_mut(), &mut self.lent);
+        if let Some(r) = &mut s.records {
+            return match r.seal(msg, out) {
+                Some(n) => Sealed::Record(n),
+                None => {
+                    self.stats.oversize += 1;
+                    Sealed::Refused
+                }
+            };
+        }
+        let Some(stream) = s.stream.as_mut() else { return Sealed::Refused };
+        std::mem::swap(stream.get_mut(), &mut self.lent);
+        let r = stream.ssl_write(msg);
+        std::mem::swap(stream.get_mut(), &mut self.lent);
         let p = &mut self.lent;
         let n = p.tx.len();
         let sealed = match r {
@@ -625,17 +740,19 @@ impl DtlsLayer {
         }
         for addr in retransmit {
             let Some(mut s) = self.sessions.remove(&addr) else { continue };
-            std::mem::swap(s.stream.get_mut(), &mut self.lent);
-            // SAFETY: the SSL is live; DTLS_CTRL_HANDLE_TIMEOUT takes no argument.
-            unsafe {
-                openssl_sys::SSL_ctrl(
-                    s.stream.ssl().as_ptr(),
-                    DTLS_CTRL_HANDLE_TIMEOUT,
-                    0,
-                    std::ptr::null_mut(),
-                );
+            if let Some(stream) = s.stream.as_mut() {
+                std::mem::swap(stream.get_mut(), &mut self.lent);
+                // SAFETY: the SSL is live; DTLS_CTRL_HANDLE_TIMEOUT takes no argument.
+                unsafe {
+                    openssl_sys::SSL_ctrl(
+                        stream.ssl().as_ptr(),
+                        DTLS_CTRL_HANDLE_TIMEOUT,
+                        0,
+                        std::ptr::null_mut(),
+                    );
+                }
+                self.take_back(addr, stream);
             }
-            self.take_back(addr, &mut s.stream);
             self.sessions.insert(addr, s);
         }
     }

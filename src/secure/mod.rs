@@ -7,6 +7,7 @@
 
 pub mod dtls;
 pub mod record;
+pub mod records;
 pub mod stream;
 /// The WebSocket protocol, shared with the SDK.
 pub use ferry_proto::ws;

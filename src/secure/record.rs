@@ -32,6 +32,8 @@ pub struct Record<'a> {
     pub content_type: u8,
     pub version: u16,
     pub epoch: u16,
+    /// The 48-bit sequence number within the epoch.
+    pub seq: u64,
     pub fragment: &'a [u8],
 }
 
@@ -74,6 +76,7 @@ impl<'a> Iterator for Records<'a> {
             content_type: h[0],
             version: u16::from_be_bytes([h[1], h[2]]),
             epoch: u16::from_be_bytes([h[3], h[4]]),
+            seq: u64::from_be_bytes([0, 0, h[5], h[6], h[7], h[8], h[9], h[10]]),
             fragment,
         };
         self.rest = &self.rest[HEADER + len..];
