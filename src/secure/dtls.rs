@@ -31,7 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use foreign_types::ForeignTypeRef;
 use openssl::error::ErrorStack;
 use openssl::ssl::{
-    ErrorCode, Ssl, SslContext, SslMethod, SslMode, SslOptions, SslSessionCacheMode, SslStream, SslVersion,
+    ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslSessionCacheMode, SslStream, SslVersion,
 };
 
 use super::record;
@@ -260,7 +260,8 @@ pub fn server_context(secret: &[u8; 64]) -> Result<SslContext, ErrorStack> {
             | SslOptions::NO_QUERY_MTU
             | SslOptions::COOKIE_EXCHANGE,
     );
-    b.set_mode(SslMode::RELEASE_BUFFERS);
+    // No RELEASE_BUFFERS: sessions on the suites Ferry protects itself free OpenSSL's session
+    // right after the handshake, and releasing buffers mid-handshake only costs allocations.
     // Records never exceed a datagram: size the write buffer for one (OpenSSL's default is 16 KiB
     // per session).
     // SAFETY: a live context; SSL_CTRL_SET_MAX_SEND_FRAGMENT takes a length and no pointer.
