@@ -278,7 +278,7 @@ fn wss_memory() {
         }
         s
     };
-    let warm: Vec<_> = (0..50).map(|i| open(9_990_000 + i)).collect();
+    let warm: Vec<_> = (0..50).map(|i| open(10_000 + i)).collect();
     std::thread::sleep(Duration::from_millis(500));
     let before = rss_bytes(&pid);
     let n = 10_000u32;
