@@ -12,9 +12,9 @@ use ferry::timer::TimerWheel;
 use ferry::wire::{self, AllocationId, Bind, Relay};
 
 fn entropy(n: u64) -> Entropy {
-    let mut e = Entropy { id: [0; 16], key: [0; 64] };
+    let mut e = Entropy { id: [0; 16] };
     let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    for b in e.id.iter_mut().chain(e.key.iter_mut()) {
+    for b in e.id.iter_mut() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;

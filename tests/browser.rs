@@ -9,7 +9,7 @@
 mod support;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry::client::packets;
 use support::{test_pki, Raw, Server, BIND_RECEIVED};
@@ -115,13 +115,13 @@ fn headless_chromium_relays_over_wss_with_a_udp_host() {
     let ready = host.recv();
     assert_eq!(ready, packets::relay(&j.id, &host.id, b"browser ready").unwrap());
     host.relay_to(&j.id, b"hello browser");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let echo = loop {
-        let m = host.recv();
-        if m != ready || Instant::now() > deadline {
-            break m;
+    let mut echo = host.recv();
+    for _ in 0..10 {
+        if echo != ready {
+            break;
         }
-    };
+        echo = host.recv();
+    }
     assert_eq!(echo, packets::relay(&j.id, &host.id, b"echo:hello browser:true").unwrap());
     assert_eq!(srv.metric("ferry_ws_connections_total{result=\"accepted\"}"), 1);
     let _ = std::fs::remove_dir_all(&dir);

@@ -134,8 +134,8 @@ fn lossy_proxy(relay: SocketAddr, mut drop: impl FnMut(usize, &[u8]) -> bool + S
         let mut client = None;
         let mut back = 0;
         let mut buf = [0u8; 2048];
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < end {
+        // 20 ms per turn at most, bounded to about 30 s.
+        for _ in 0..1500 {
             if let Ok((n, from)) = outer.recv_from(&mut buf) {
                 client = Some(from);
                 let _ = inner.send_to(&buf[..n], relay);

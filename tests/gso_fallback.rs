@@ -58,6 +58,7 @@ fn refused_runs_arrive_one_by_one(uring: bool) {
         pin: None,
         uring,
         gso: true,
+        dtls: None,
     };
     let (handles, threads) = spawn_all(vec![setup]).unwrap();
     let shards = RelayHandle::new(handles);

@@ -270,7 +270,7 @@ pub fn server_context(secret: &[u8; 64]) -> Result<SslContext, ErrorStack> {
     }
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
     let cookie_key = crate::auth::PreKeyedHmac::new(&derive(secret, b"ferry dtls cookie"));
-    let verify_key = cookie_key.clone();
+    let verify_key = cookie_key;
     b.set_cookie_generate_cb(move |_, out| {
         let c = CALL.with(|c| c.get());
         let cookie = cookie(&cookie_key, c.peer, c.now / COOKIE_BUCKET_MS);
@@ -776,9 +776,9 @@ impl DtlsLayer {
     }
 
     /// Takes a session another shard established.
-    pub fn adopt(&mut self, addr: SocketAddr, s: Box<Session>) {
+    pub fn adopt(&mut self, addr: SocketAddr, s: Session) {
         self.stats.migrated_in += 1;
-        self.sessions.insert(addr, *s);
+        self.sessions.insert(addr, s);
     }
 }
 

@@ -347,7 +347,7 @@ impl State {
     #[inline]
     fn seal(&mut self, dst: SocketAddr, room: &mut [u8], n: usize) -> Verdict {
         if is_stream(&dst) {
-            self.to_stream(dst, &room[..n]);
+            self.send_to_stream(dst, &room[..n]);
             return Verdict::Done;
         }
         let Some(d) = self.dtls.as_mut().filter(|d| !d.is_empty()) else { return Verdict::Send(dst, n) };
@@ -408,7 +408,7 @@ impl State {
         verdict
     }
 
-    fn to_stream(&mut self, dst: SocketAddr, m: &[u8]) {
+    fn send_to_stream(&mut self, dst: SocketAddr, m: &[u8]) {
         if m.len() > crate::secure::ws::MAX_TO_CLIENT {
             self.stats.ws_oversize += 1;
             return;
@@ -480,7 +480,7 @@ impl State {
                 }
                 Ok(ShardMsg::AdoptDtls(addr, session)) => {
                     if let Some(d) = &mut self.dtls {
-                        d.adopt(addr, session);
+                        d.adopt(addr, *session);
                     }
                 }
                 Ok(ShardMsg::Stop) => {

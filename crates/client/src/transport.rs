@@ -222,11 +222,12 @@ mod dtls {
             ssl.set_mtu(1400).map_err(io::Error::other)?;
             s.set_read_timeout(Some(Duration::from_millis(100)))?;
             let mut stream = SslStream::new(ssl, Dgram(s)).map_err(io::Error::other)?;
-            let until = std::time::Instant::now() + Duration::from_secs(15);
+            let clock = crate::clock::Clock::new();
+            let until = clock.now() + 15_000;
             loop {
                 match stream.do_handshake() {
                     Ok(()) => return Ok(Self { stream }),
-                    Err(e) if e.code() == ErrorCode::WANT_READ && std::time::Instant::now() < until => {
+                    Err(e) if e.code() == ErrorCode::WANT_READ && clock.now() < until => {
                         // SAFETY: a live SSL; the control takes no argument.
                         unsafe {
                             openssl_sys::SSL_ctrl(
