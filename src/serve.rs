@@ -476,14 +476,7 @@ impl Running {
                         format!("invalid configuration `api_tls_cert`: {m}"),
                     )
                 })?;
-                let watched = store.clone();
-                tasks.push(tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(crate::control::tls::WATCH_EVERY).await;
-                        let w = watched.clone();
-                        let _ = tokio::task::spawn_blocking(move || w.reload_if_changed()).await;
-                    }
-                }));
+                tasks.push(store.watch());
                 Some(store)
             }
             _ => None,
@@ -508,14 +501,7 @@ impl Running {
         }
         let wss_certs = wss.as_ref().map(|(_, s)| s.clone());
         if let Some((l, store)) = wss {
-            let watched = store.clone();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(crate::control::tls::WATCH_EVERY).await;
-                    let w = watched.clone();
-                    let _ = tokio::task::spawn_blocking(move || w.reload_if_changed()).await;
-                }
-            }));
+            tasks.push(store.watch());
             let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config());
             let (shards, stats, stop) = (relay.shards(), state.ws.clone(), stop_rx.clone());
             tasks.push(tokio::spawn(crate::secure::stream::serve(

@@ -69,13 +69,25 @@ impl CertStore {
             return;
         }
         match self.reload() {
-            Ok(()) => tracing::info!(cert = %self.cert.display(), "API certificate reloaded"),
+            Ok(()) => tracing::info!(cert = %self.cert.display(), "certificate reloaded"),
             Err(e) => {
                 // Remember the stamp so a broken file is not retried every turn; a fixed one is.
                 *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = now;
-                tracing::warn!(error = %e, "API certificate not reloaded; the old one stays");
+                tracing::warn!(cert = %self.cert.display(), error = %e, "certificate not reloaded; the old one stays");
             }
         }
+    }
+
+    /// A task that reloads the files whenever they change (checked every [`WATCH_EVERY`]).
+    pub fn watch(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let watched = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(WATCH_EVERY).await;
+                let w = watched.clone();
+                let _ = tokio::task::spawn_blocking(move || w.reload_if_changed()).await;
+            }
+        })
     }
 
     /// The rustls configuration that serves whatever certificate is current.
