@@ -628,6 +628,7 @@ impl DtlsLayer {
                     id: None,
                 };
                 self.sessions.insert(src, s);
+                self.next_poll = self.next_poll.min(now + 100);
                 Received::Handshake
             }
             _ => {
@@ -709,13 +710,22 @@ impl DtlsLayer {
 
     /// Retransmits handshake flights whose timer ran out and drops expired sessions. Cheap to
     /// call every loop turn: it does its work at most every 100 ms.
-    pub fn poll(&mut self, now: Millis) {
-        if now < self.next_poll || self.sessions.is_empty() {
-            return;
+    /// Returns whether this call was a sweep (once a second), when the shard sweeps what it
+    /// keeps for the layer too.
+    pub fn poll(&mut self, now: Millis) -> bool {
+        if now < self.next_poll {
+            return false;
         }
-        self.next_poll = now + 100;
-        if now >= self.next_sweep {
+        // While handshakes are in progress, every 100 ms (retransmissions); otherwise only the
+        // once-a-second sweep for idle sessions, so thousands of quiet sessions cost little.
+        let halfopen = !self.halfopen_per_ip.is_empty();
+        self.next_poll = now + if halfopen { 100 } else { 1000 };
+        let sweep = now >= self.next_sweep;
+        if sweep {
             self.next_sweep = now + 1000;
+        }
+        if self.sessions.is_empty() || !(halfopen || sweep) {
+            return sweep;
         }
         let (hs_timeout, idle) = (self.cfg.handshake_timeout, self.cfg.idle_timeout);
         let mut expired = Vec::new();
@@ -756,16 +766,12 @@ impl DtlsLayer {
             }
             self.sessions.insert(addr, s);
         }
+        sweep
     }
 
     /// When [`poll`](Self::poll) next has work, if any session exists.
     pub fn poll_timeout(&self) -> Option<Millis> {
         (!self.sessions.is_empty()).then_some(self.next_poll)
-    }
-
-    /// When the shard should next sweep what it keeps for this layer (every second).
-    pub fn next_sweep(&self) -> Millis {
-        self.next_sweep
     }
 
     /// Hands an established session over (to the shard that owns its allocation).

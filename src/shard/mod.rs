@@ -506,11 +506,11 @@ impl State {
             self.mailroom = room;
         }
         if let Some(d) = &mut self.dtls {
-            d.poll(now);
+            let swept = d.poll(now);
             while let Some(t) = d.poll_transmit() {
                 self.pending.push_back(t);
             }
-            if now >= d.next_sweep() {
+            if swept {
                 let idle = d.config().idle_timeout;
                 self.redirects.retain(|_, (_, seen)| now.saturating_sub(*seen) < idle);
             }
