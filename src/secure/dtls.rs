@@ -232,6 +232,7 @@ pub struct DtlsLayer {
     sessions: HashMap<SocketAddr, Session>,
     halfopen_per_ip: HashMap<IpAddr, u16>,
     listener: Option<SslStream<Pipe>>,
+    cookie_key: crate::auth::PreKeyedHmac,
     lent: Pipe,
     ends: Vec<(usize, usize)>,
     transmits: VecDeque<(SocketAddr, Vec<u8>)>,
@@ -269,7 +270,7 @@ pub fn server_context(secret: &[u8; 64]) -> Result<SslContext, ErrorStack> {
         openssl_sys::SSL_CTX_ctrl(b.as_ptr(), SSL_CTRL_SET_MAX_SEND_FRAGMENT, 1472, std::ptr::null_mut());
     }
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
-    let cookie_key = crate::auth::PreKeyedHmac::new(&derive(secret, b"ferry dtls cookie"));
+    let cookie_key = cookie_key(secret);
     let verify_key = cookie_key;
     b.set_cookie_generate_cb(move |_, out| {
         let c = CALL.with(|c| c.get());
@@ -293,6 +294,10 @@ pub fn server_context(secret: &[u8; 64]) -> Result<SslContext, ErrorStack> {
         _ => Ok(0),
     });
     Ok(b.build())
+}
+
+fn cookie_key(secret: &[u8; 64]) -> crate::auth::PreKeyedHmac {
+    crate::auth::PreKeyedHmac::new(&derive(secret, b"ferry dtls cookie"))
 }
 
 fn derive(secret: &[u8; 64], label: &[u8]) -> [u8; 64] {
@@ -350,6 +355,7 @@ impl DtlsLayer {
             sessions: HashMap::new(),
             halfopen_per_ip: HashMap::new(),
             listener: None,
+            cookie_key: cookie_key(&secret),
             lent: Pipe::default(),
             ends: Vec::new(),
             transmits: VecDeque::new(),
@@ -563,6 +569,17 @@ impl DtlsLayer {
         }
         if d.len() < MIN_HELLO {
             self.stats.hellos_refused += 1;
+            return Received::Dropped;
+        }
+        // A first ClientHello (no cookie yet) is answered here, statelessly, with the cookie
+        // OpenSSL's listener will verify: cheaper than running the listener for it.
+        if let Some((seq, c)) = record::client_hello_cookie(d).filter(|(_, c)| c.is_empty()) {
+            debug_assert!(c.is_empty());
+            let cookie = cookie(&self.cookie_key, Some(src), now / COOKIE_BUCKET_MS);
+            let mut hvr = Vec::with_capacity(MIN_HELLO);
+            record::hello_verify_request(&seq, &cookie, &mut hvr);
+            self.transmits.push_back((src, hvr));
+            self.stats.hello_verify_sent += 1;
             return Received::Dropped;
         }
         let mut l = match self.listener.take() {

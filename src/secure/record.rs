@@ -122,6 +122,62 @@ pub fn is_client_hello(d: &[u8]) -> bool {
     }
 }
 
+/// The cookie of a ClientHello that opens `d` (complete, unfragmented, epoch 0), with the
+/// record's epoch and sequence bytes (echoed in a HelloVerifyRequest). `None` for anything else.
+pub fn client_hello_cookie(d: &[u8]) -> Option<([u8; 8], &[u8])> {
+    let r = Records::new(d).next()?;
+    if r.content_type != HANDSHAKE || r.epoch != 0 {
+        return None;
+    }
+    let h = r.fragment.get(..HS_HEADER)?;
+    let len = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
+    let (off, frag) =
+        (u32::from_be_bytes([0, h[6], h[7], h[8]]), u32::from_be_bytes([0, h[9], h[10], h[11]]));
+    if h[0] != CLIENT_HELLO || off != 0 || frag as usize != len {
+        return None;
+    }
+    let body = r.fragment.get(HS_HEADER..HS_HEADER + len)?;
+    // client_version(2) random(32) session_id<0..32> cookie<0..255>
+    let sid = *body.get(34)? as usize;
+    let at = 35 + sid;
+    let n = *body.get(at)? as usize;
+    let cookie = body.get(at + 1..at + 1 + n)?;
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&d[3..11]);
+    Some((seq, cookie))
+}
+
+/// Writes a HelloVerifyRequest (RFC 6347 §4.2.1) carrying `cookie` into `out`, as OpenSSL
+/// writes one: version 1.0 in the record and the message, the ClientHello's record sequence
+/// echoed, message_seq 0. Returns its length.
+pub fn hello_verify_request(seq: &[u8; 8], cookie: &[u8], out: &mut Vec<u8>) -> usize {
+    let body = 3 + cookie.len();
+    out.clear();
+    out.extend_from_slice(&[HANDSHAKE, 0xFE, 0xFF]);
+    out.extend_from_slice(seq);
+    out.extend_from_slice(&((HS_HEADER + body) as u16).to_be_bytes());
+    let l = (body as u32).to_be_bytes();
+    out.extend_from_slice(&[
+        3,
+        l[1],
+        l[2],
+        l[3],
+        0,
+        0,
+        0,
+        0,
+        0,
+        l[1],
+        l[2],
+        l[3],
+        0xFE,
+        0xFF,
+        cookie.len() as u8,
+    ]);
+    out.extend_from_slice(cookie);
+    out.len()
+}
+
 /// The PSK identity a ClientKeyExchange in `d` carries (`u16 length ‖ identity`, RFC 4279 §2),
 /// read whole (OpenSSL would cut it at a zero byte).
 pub fn psk_identity(d: &[u8]) -> Option<&[u8]> {
