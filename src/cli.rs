@@ -184,6 +184,9 @@ pub struct ServeArgs {
     /// Answer STUN Binding requests on the relay port [default: true].
     #[arg(long, env = "FERRY_STUN", value_parser = bool_arg)]
     pub stun: Option<bool>,
+    /// Answer Unity QoS pings on the relay port, for clients choosing a region [default: true].
+    #[arg(long, env = "FERRY_QOS", value_parser = bool_arg)]
+    pub qos: Option<bool>,
     /// Accept DTLS 1.2 (PSK) sessions on the relay port and advertise the `dtls` endpoint
     /// [default: true].
     #[arg(long, env = "FERRY_DTLS", value_parser = bool_arg)]
@@ -401,6 +404,7 @@ struct FileConfig {
     kernel_steering: Option<FileBool>,
     gso: Option<FileBool>,
     stun: Option<FileBool>,
+    qos: Option<FileBool>,
     dtls: Option<FileBool>,
     dtls_mtu: Option<u16>,
     dtls_halfopen_per_ip: Option<u16>,
@@ -564,7 +568,7 @@ impl ServeArgs {
                 if let Some(v) = self.$f.or(file_bool(stringify!($f), file.$f)?) { c.$f = v; }
             )* };
         }
-        merge_bool!(pin_shards, kernel_steering, gso, stun, dtls, api_anonymous);
+        merge_bool!(pin_shards, kernel_steering, gso, stun, qos, dtls, api_anonymous);
         c.api_max_connections = self.api_max_connections.or(file.api_max_connections);
         c.advertise_ipv4 = self.advertise_ipv4.or(file.advertise_ipv4);
         if let Some(v) = self.trusted_proxies {

@@ -91,6 +91,8 @@ pub struct Config {
     pub gso: bool,
     /// Answer STUN Binding requests on the relay port.
     pub stun: bool,
+    /// Answer Unity QoS pings (0x59) on the relay port.
+    pub qos: bool,
     /// Accept DTLS 1.2 (PSK) sessions on the relay port and advertise the `dtls` endpoint.
     pub dtls: bool,
     /// Largest datagram sent to a DTLS client; Relay messages over `dtls_mtu - 37` bytes are
@@ -224,6 +226,7 @@ impl Config {
             kernel_steering: true,
             gso: true,
             stun: true,
+            qos: true,
             dtls: true,
             dtls_mtu: 1400,
             dtls_halfopen_per_ip: 16,

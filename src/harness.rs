@@ -107,6 +107,11 @@ pub fn tunnel_frame(data: &[u8]) {
 /// Every view over arbitrary bytes: no panic, and what parses re-emits to the same bytes.
 pub fn wire_views(data: &[u8]) {
     let _ = wire::parse_header(data);
+    if let Ok(q) = wire::qos::QosRequest::parse(data) {
+        let mut out = [0u8; wire::qos::REPLY_LEN];
+        let n = q.emit_reply(&mut out).expect("a reply fits");
+        assert!(n < data.len(), "a QoS reply is smaller than its request");
+    }
     if let Ok(r) = Relay::new_checked(data) {
         let mut out = vec![0u8; data.len()];
         let n = Relay::emit(&mut out, &r.from(), &r.to(), r.payload()).expect("relay re-emits");

@@ -55,6 +55,11 @@ pub fn render(shards: &[ShardStats], api: &BTreeMap<(String, u16), u64>, hosts: 
         let _ =
             writeln!(o, "ferry_stun_requests_total{{result=\"{}\"}} {}", r.as_str(), total.stun[r as usize]);
     }
+    family(&mut o, "ferry_qos_requests_total", "counter", "Unity QoS pings on the relay port, by outcome.");
+    for r in crate::core::QosOutcome::ALL {
+        let _ =
+            writeln!(o, "ferry_qos_requests_total{{result=\"{}\"}} {}", r.as_str(), total.qos[r as usize]);
+    }
     dtls(&mut o, shards);
     family(&mut o, "ferry_connects_total", "counter", "CONNECT_REQUEST outcomes.");
     let _ = writeln!(o, "ferry_connects_total{{result=\"accepted\"}} {}", total.connects_accepted);

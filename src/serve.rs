@@ -69,6 +69,7 @@ fn core_config(cfg: &Config, shard: usize, relay: SocketAddr) -> CoreConfig {
     c.policy = AddressPolicy::new(&own_addrs(relay), cfg.deny_sources.clone());
     c.unconfirmed_budget = cfg.unconfirmed_budget;
     c.stun = cfg.stun;
+    c.qos = cfg.qos;
     c
 }
 
@@ -533,6 +534,7 @@ impl Running {
             io = if uring { "io_uring" } else { "epoll" },
             gso = cfg.gso,
             stun = cfg.stun,
+            qos = cfg.qos,
             dtls = cfg.dtls,
             ws = ?ws_addr,
             wss = ?wss_addr,
@@ -588,6 +590,7 @@ impl Running {
                 rebind_quiet: ms(new.rebind_quiet),
                 unconfirmed_budget: new.unconfirmed_budget,
                 stun: new.stun,
+                qos: new.qos,
             })
             .await;
         let current = self.state.limits();

@@ -301,6 +301,37 @@ async fn regions(State(st): State<ApiState>) -> Response {
     )
 }
 
+/// QoS discovery in Unity's shape: the relays (here, this one) a client can ping to choose a
+/// region. `service` must be `relay` when given; a `region` other than this relay's lists none.
+async fn qos_servers(
+    State(st): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let c = st.service.config();
+    if let Some(s) = q.get("service").filter(|s| s.as_str() != "relay") {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            15001,
+            "Invalid Request",
+            format!("service must be `relay`, got `{s}`"),
+        );
+    }
+    let endpoint = match c.advertise.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, c.port).to_string(),
+        Err(_) => format!("{}:{}", c.advertise_ipv4, c.port),
+    };
+    let servers = if q.get("region").is_none_or(|r| *r == c.region) {
+        vec![QosServer {
+            region: c.region.clone(),
+            endpoints: vec![endpoint],
+            services: vec!["relay".into()],
+        }]
+    } else {
+        Vec::new()
+    };
+    ok(StatusCode::OK, QosServersData { servers })
+}
+
 /// Liveness of the control plane itself: the service's state can be locked and every shard
 /// answers, each within a deadline. A control plane stuck behind a blocked lock or dead shards
 /// answers 503 (or not at all) instead of a cheerful 200.
@@ -402,6 +433,7 @@ pub fn router(st: ApiState) -> Router {
         .route("/v1/join", post(join))
         .route("/v1/removejoiners", post(remove_joiners))
         .route("/v1/regions", get(regions))
+        .route("/v1/servers", get(qos_servers))
         .route_layer(middleware::from_fn_with_state(st.clone(), guard));
     Router::new()
         .merge(v1)

@@ -52,6 +52,7 @@ pub struct Reconfig {
     pub rebind_quiet: crate::clock::Millis,
     pub unconfirmed_budget: u32,
     pub stun: bool,
+    pub qos: bool,
 }
 
 /// One live allocation as an operator sees it.

@@ -23,6 +23,7 @@ mod control;
 mod handlers;
 mod limiter;
 mod policy;
+mod qos;
 mod stats;
 mod stun;
 mod table;
@@ -30,6 +31,7 @@ mod table;
 pub use control::{AllocationInfo, Control, ControlError, ControlReply, Created, Entropy, Event, Reconfig};
 pub use limiter::Rate;
 pub use policy::{canonical_ip, AddressPolicy, Cidr};
+pub use qos::QosOutcome;
 pub use stats::{DropReason, ReleaseReason, Stats};
 pub use stun::{StunOutcome, MAX_AMPLIFICATION};
 pub use table::owner_shard;
@@ -91,6 +93,11 @@ pub struct CoreConfig {
     /// STUN answers per source IP, and per shard.
     pub stun_rate_per_ip: Rate,
     pub stun_rate_global: Rate,
+    /// Answer Unity QoS pings on the relay port.
+    pub qos: bool,
+    /// QoS answers per source IP, and per shard.
+    pub qos_rate_per_ip: Rate,
+    pub qos_rate_global: Rate,
 }
 
 impl CoreConfig {
@@ -114,6 +121,9 @@ impl CoreConfig {
             stun: true,
             stun_rate_per_ip: Rate { per_sec: 10, burst: 20 },
             stun_rate_global: Rate { per_sec: 10_000, burst: 10_000 },
+            qos: true,
+            qos_rate_per_ip: Rate { per_sec: 10, burst: 20 },
+            qos_rate_global: Rate { per_sec: 20_000, burst: 20_000 },
         }
     }
 }
@@ -154,6 +164,7 @@ pub struct Core {
     conn: ConnectionData,
     limiter: ErrorLimiter,
     stun_limiter: ErrorLimiter,
+    qos_limiter: ErrorLimiter,
     stats: Stats,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -172,6 +183,7 @@ impl Core {
             conn: ConnectionData::new(&cfg.conn_secret),
             limiter: ErrorLimiter::new(cfg.limiter_buckets, cfg.error_rate_per_ip, cfg.error_rate_global),
             stun_limiter: ErrorLimiter::new(cfg.limiter_buckets, cfg.stun_rate_per_ip, cfg.stun_rate_global),
+            qos_limiter: ErrorLimiter::new(cfg.limiter_buckets, cfg.qos_rate_per_ip, cfg.qos_rate_global),
             stats: Stats::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -234,6 +246,7 @@ impl Core {
                 c.rebind_quiet = r.rebind_quiet;
                 c.unconfirmed_budget = r.unconfirmed_budget;
                 c.stun = r.stun;
+                c.qos = r.qos;
                 Ok(ControlReply::Released)
             }
         }

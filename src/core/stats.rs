@@ -35,10 +35,12 @@ pub enum DropReason {
     Unconfirmed,
     /// A STUN datagram that was not answered (the reason is in the STUN counters).
     Stun,
+    /// A QoS ping that was not answered (the reason is in the QoS counters).
+    Qos,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         Self::Oversize,
         Self::Short,
         Self::BadSignature,
@@ -57,6 +59,7 @@ impl DropReason {
         Self::ReplyTooLarge,
         Self::Unconfirmed,
         Self::Stun,
+        Self::Qos,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -80,6 +83,7 @@ impl DropReason {
             Self::ReplyTooLarge => "reply_too_large",
             Self::Unconfirmed => "unconfirmed_destination",
             Self::Stun => "stun",
+            Self::Qos => "qos",
         }
     }
 }
@@ -146,6 +150,8 @@ pub struct Stats {
     pub released: [u64; 4],
     /// STUN datagrams by outcome ([`super::StunOutcome`]).
     pub stun: [u64; super::StunOutcome::COUNT],
+    /// QoS pings by outcome ([`super::QosOutcome`]).
+    pub qos: [u64; super::QosOutcome::COUNT],
 }
 
 impl Stats {
@@ -186,6 +192,9 @@ impl Stats {
             *a += b;
         }
         for (a, b) in self.stun.iter_mut().zip(o.stun) {
+            *a += b;
+        }
+        for (a, b) in self.qos.iter_mut().zip(o.qos) {
             *a += b;
         }
     }

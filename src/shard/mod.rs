@@ -307,6 +307,12 @@ impl State {
                 _ => Verdict::Done,
             };
         }
+        if crate::wire::qos::QosRequest::is_qos(&room[..len]) {
+            return match self.core.handle_qos(now, src, room, len) {
+                Action::Reply(n) => Verdict::Send(src, n),
+                _ => Verdict::Done,
+            };
+        }
         if let Some(d) = &mut self.dtls {
             if record::is_dtls(&room[..len]) {
                 return self.classify_dtls(now, src, room, len);

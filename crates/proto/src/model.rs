@@ -85,6 +85,20 @@ pub struct RegionsData {
     pub regions: Vec<Region>,
 }
 
+/// One QoS server in Unity's discovery shape (`GET /v1/servers?service=relay`): clients ping
+/// `endpoints[0]` (an `ip:port`) with Unity's QoS request to measure the region.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QosServer {
+    pub region: String,
+    pub endpoints: Vec<String>,
+    pub services: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QosServersData {
+    pub servers: Vec<QosServer>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AllocateRequest {

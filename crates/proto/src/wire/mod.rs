@@ -12,6 +12,7 @@ mod connect;
 mod error;
 pub mod pair;
 mod ping;
+pub mod qos;
 mod relay;
 pub mod stun;
 
