@@ -362,6 +362,9 @@ pub struct ServeArgs {
     /// Time an API client has to send a request body [default: 10s].
     #[arg(long, env = "FERRY_API_BODY_TIMEOUT", value_parser = duration_arg)]
     pub api_body_timeout: Option<Duration>,
+    /// A WebSocket connection that receives nothing for this long is closed [default: 60s].
+    #[arg(long, env = "FERRY_WS_IDLE_TIMEOUT", value_parser = duration_arg)]
+    pub ws_idle_timeout: Option<Duration>,
 }
 
 /// A boolean in the TOML file: `true`, `1`, `"yes"`, `"on"`, …
@@ -463,6 +466,7 @@ struct FileConfig {
     log_lifecycle_sample: Option<u32>,
     api_header_timeout: Option<FileDuration>,
     api_body_timeout: Option<FileDuration>,
+    ws_idle_timeout: Option<FileDuration>,
 }
 
 fn file_duration(key: &str, d: Option<FileDuration>) -> Result<Option<Duration>, ConfigError> {
@@ -602,6 +606,7 @@ impl ServeArgs {
             drain_timeout,
             api_header_timeout,
             api_body_timeout,
+            ws_idle_timeout,
             jwt_leeway
         );
         c.control_socket = self.control_socket.or(file.control_socket);

@@ -188,6 +188,8 @@ pub struct Config {
     pub api_header_timeout: Duration,
     /// An API request body must arrive within this long.
     pub api_body_timeout: Duration,
+    /// A WebSocket connection that receives nothing for this long is closed.
+    pub ws_idle_timeout: Duration,
 }
 
 /// A configuration error that names its key.
@@ -285,6 +287,7 @@ impl Config {
             log_lifecycle_sample: 1,
             api_header_timeout: Duration::from_secs(5),
             api_body_timeout: Duration::from_secs(10),
+            ws_idle_timeout: Duration::from_secs(60),
         }
     }
 
@@ -368,6 +371,9 @@ impl Config {
                 Some((h, Ok(port))) if !h.is_empty() && port != 0 => {}
                 _ => return Err(err("wss_public", "must be host:port")),
             }
+        }
+        if self.ws_idle_timeout < Duration::from_secs(1) {
+            return Err(err("ws_idle_timeout", "must be at least 1s"));
         }
         if self.ws_max_connections == 0 || self.ws_max_connections_per_ip == 0 {
             return Err(err("ws_max_connections", "must be at least 1 (also ws_max_connections_per_ip)"));

@@ -193,6 +193,7 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
         wss_public,
         ws_max_connections,
         ws_max_connections_per_ip,
+        ws_idle_timeout,
         shards,
         pin_shards,
         kernel_steering,
@@ -491,6 +492,7 @@ impl Running {
         let ws_limits = crate::secure::stream::StreamLimits {
             max_connections: cfg.ws_max_connections,
             max_per_ip: cfg.ws_max_connections_per_ip,
+            idle_timeout: cfg.ws_idle_timeout,
             ..Default::default()
         };
         if let Some(l) = ws {

@@ -272,3 +272,19 @@ fn the_sdk_relays_over_wss_trusting_a_given_ca() {
     assert!(RelayClient::with_transport(&j.allocation, Transport::Wss { ca_file: None }).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_silent_connection_is_closed_after_the_idle_timeout() {
+    let srv = Server::start(|c| {
+        c.ws_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.ws_idle_timeout = Duration::from_secs(1);
+    });
+    let ws_addr = srv.running().ws_addr.unwrap();
+    let tcp = TcpStream::connect(ws_addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut ws = Ws::open(tcp, &ws_addr.to_string());
+    assert_eq!(ws.frame(), (0x8, 1001u16.to_be_bytes().to_vec()), "going away");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(srv.metric("ferry_ws_connections_total{result=\"idle\"}"), 1);
+    assert_eq!(srv.metric("ferry_ws_connections"), 0);
+}
