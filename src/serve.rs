@@ -593,6 +593,7 @@ impl Running {
                 unconfirmed_budget: new.unconfirmed_budget,
                 stun: new.stun,
                 qos: new.qos,
+                fleet: None,
             })
             .await;
         let current = self.state.limits();

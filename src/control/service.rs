@@ -363,7 +363,7 @@ impl AllocationService {
             Event::Connected { host, joiner } => {
                 lifecycle!(self, joiner, allocation = %joiner, host = %host, shard, "peer connected")
             }
-            Event::Released { id, is_host, reason } => {
+            Event::Released { id, is_host, reason, .. } => {
                 if is_host {
                     self.codes().remove_host(&id);
                 }

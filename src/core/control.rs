@@ -53,6 +53,8 @@ pub struct Reconfig {
     pub unconfirmed_budget: u32,
     pub stun: bool,
     pub qos: bool,
+    /// New fleet keys (a rotation), for a relay in a fleet.
+    pub fleet: Option<super::FleetRelay>,
 }
 
 /// One live allocation as an operator sees it.
@@ -129,5 +131,6 @@ impl std::error::Error for ControlError {}
 pub enum Event {
     Bound { id: AllocationId, addr: SocketAddr, moved: bool },
     Connected { host: AllocationId, joiner: AllocationId },
-    Released { id: AllocationId, is_host: bool, reason: ReleaseReason },
+    /// `bytes`: what the allocation's client sent through the relay.
+    Released { id: AllocationId, is_host: bool, reason: ReleaseReason, bytes: u64 },
 }

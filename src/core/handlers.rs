@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 
 use super::table::{Found, Role, CONFIRMED};
 use super::{Action, Core, DropReason, Event, ReleaseReason};
-use crate::auth::{self, ConnectionData};
+use super::BindReject;
+use crate::auth::token::{self, Token, TokenRole};
+use crate::auth::{self, ConnDataError, ConnectionData, PreKeyedHmac};
 use crate::clock::Millis;
 use crate::wire::{
     self, emit_bind_received, AllocationId, Bind, Close, ConnectRequest, Disconnect, ErrorCode, ErrorMsg,
@@ -15,6 +17,7 @@ use crate::wire::{
 impl Core {
     /// Handles one datagram of `buf.len()` bytes from `src`.
     pub fn handle_datagram(&mut self, now: Millis, src: SocketAddr, buf: &mut [u8]) -> Action {
+        self.now = now;
         self.stats.rx_packets += 1;
         self.stats.rx_bytes += buf.len() as u64;
         if buf.len() > MAX_DATAGRAM {
@@ -196,9 +199,18 @@ impl Core {
             Ok(b) => b,
             Err(e) => return Action::Drop(e.into()),
         };
-        let Ok(id) = ConnectionData::parse(bind.connection_data()) else {
-            return Action::Drop(DropReason::BadConnData);
+        let id = if token::is_fleet(bind.connection_data()) {
+            match self.admit(now, src, buf) {
+                Ok(id) => id,
+                Err(a) => return a,
+            }
+        } else {
+            let Ok(id) = ConnectionData::parse(bind.connection_data()) else {
+                return Action::Drop(DropReason::BadConnData);
+            };
+            id
         };
+        let bind = Bind::new_checked(&*buf).expect("checked above");
         // A timed-out allocation gets ERROR 1 here as for every other message.
         let i = match self.table.find(&id) {
             Found::Live(i) if now >= self.deadline(i) => {
@@ -250,7 +262,7 @@ impl Core {
 
     fn on_connect(&mut self, now: Millis, src: SocketAddr, buf: &mut [u8]) -> Action {
         let (rid, target) = match ConnectRequest::new_checked(&*buf) {
-            Ok(c) => (c.requester(), self.conn.verify(c.target_connection_data())),
+            Ok(c) => (c.requester(), self.verify_target(c.target_connection_data())),
             Err(e) => return Action::Drop(e.into()),
         };
         let r = match self.sender(now, src, &rid) {
@@ -348,6 +360,109 @@ impl Core {
                 Action::Consumed
             }
             Err(_) => Action::Drop(DropReason::NotBound),
+        }
+    }
+}
+
+impl Core {
+    /// Who a CONNECT_REQUEST's target connection data names, if this relay minted it (or, in a
+    /// fleet, if it is a token for this relay and boot).
+    fn verify_target(&self, data: &[u8]) -> Result<AllocationId, ConnDataError> {
+        match (&self.cfg.fleet, token::is_fleet(data)) {
+            (Some(f), true) => f.verify_target(data).ok_or(ConnDataError::BadTag),
+            (None, true) => Err(ConnDataError::Malformed),
+            (_, false) => self.conn.verify(data),
+        }
+    }
+
+    /// A fleet BIND refused for `why`: an ERROR `code` where the client can act on one (its
+    /// allocation is gone for good), a silent drop otherwise.
+    fn reject(
+        &mut self,
+        now: Millis,
+        src: SocketAddr,
+        buf: &mut [u8],
+        id: AllocationId,
+        why: BindReject,
+        code: Option<ErrorCode>,
+    ) -> Action {
+        self.stats.bind_rejects[why as usize] += 1;
+        match code {
+            Some(c) => self.error(now, src, buf, id, c),
+            None => Action::Drop(DropReason::TokenRefused),
+        }
+    }
+
+    /// Fleet mode: a BIND whose connection data is a token. An allocation new here is admitted
+    /// when its token names this relay and boot, is tagged under a fleet key this relay holds,
+    /// is inside its bind window, has not ended here before, and the BIND is signed with the key
+    /// the token implies. Returns the allocation ID for the usual BIND handling.
+    fn admit(&mut self, now: Millis, src: SocketAddr, buf: &mut [u8]) -> Result<AllocationId, Action> {
+        let (t, key) = {
+            let Ok(bind) = Bind::new_checked(&*buf) else { return Err(Action::Drop(DropReason::BadLength)) };
+            let data = bind.connection_data();
+            let Ok(t) = Token::parse(data) else { return Err(Action::Drop(DropReason::BadConnData)) };
+            match self.table.find(&t.id) {
+                Found::Unknown if !self.table.buried(&t.id) => {}
+                Found::Unknown => {
+                    let code = Some(ErrorCode::AllocationNotFound);
+                    return Err(self.reject(now, src, buf, t.id, BindReject::Closed, code));
+                }
+                _ => return Ok(t.id),
+            }
+            let Some(f) = &self.cfg.fleet else {
+                return Err(self.reject(now, src, buf, t.id, BindReject::NotFleet, None));
+            };
+            let gone = Some(ErrorCode::AllocationNotFound);
+            let why = if t.relay != f.relay {
+                Some((BindReject::WrongRelay, gone))
+            } else if t.epoch != f.epoch {
+                Some((BindReject::StaleEpoch, gone))
+            } else {
+                None
+            };
+            if let Some((why, code)) = why {
+                return Err(self.reject(now, src, buf, t.id, why, code));
+            }
+            let Some((rk, mac)) = f.key(Token::kid(&t.id)) else {
+                return Err(self.reject(now, src, buf, t.id, BindReject::Forged, None));
+            };
+            if !Token::tag_ok(data, mac) {
+                return Err(self.reject(now, src, buf, t.id, BindReject::Forged, None));
+            }
+            if f.unix_at_zero + now > t.not_after_ms + f.skew_ms {
+                let code = Some(ErrorCode::AllocationTimedOut);
+                return Err(self.reject(now, src, buf, t.id, BindReject::Expired, code));
+            }
+            let key = PreKeyedHmac::new(&super::allocation_key(rk, &t.id));
+            if !auth::verify_bind(&key, &bind) {
+                return Err(Action::Drop(DropReason::BadHmac));
+            }
+            (t, key)
+        };
+        let admitted = match t.role {
+            TokenRole::Host { max_connections } => {
+                if max_connections == 0 || max_connections > self.cfg.max_connections_cap {
+                    return Err(Action::Drop(DropReason::BadConnData));
+                }
+                let role = Role::Host { max_peers: max_connections, linked: 0, joiners: 0, first_joiner: super::NIL };
+                self.admit_slot(now, t.id, role, key)
+            }
+            TokenRole::Joiner { host } => match self.joiner_role(now, &host) {
+                Ok((h, role)) => {
+                    let j = self.admit_slot(now, t.id, role, key);
+                    if let Some(j) = j {
+                        self.link_joiner(h, j);
+                    }
+                    j
+                }
+                Err(super::ControlError::SessionFull) => None,
+                Err(_) => return Err(self.reject(now, src, buf, t.id, BindReject::HostAbsent, None)),
+            },
+        };
+        match admitted {
+            Some(_) => Ok(t.id),
+            None => Err(self.reject(now, src, buf, t.id, BindReject::Full, None)),
         }
     }
 }

@@ -20,6 +20,7 @@
 //! driver's polling cadence.
 
 mod control;
+mod fleet;
 mod handlers;
 mod limiter;
 mod policy;
@@ -29,6 +30,7 @@ mod stun;
 mod table;
 
 pub use control::{AllocationInfo, Control, ControlError, ControlReply, Created, Entropy, Event, Reconfig};
+pub use fleet::{BindReject, FleetRelay};
 pub use limiter::Rate;
 pub use policy::{canonical_ip, AddressPolicy, Cidr};
 pub use qos::QosOutcome;
@@ -98,6 +100,8 @@ pub struct CoreConfig {
     /// QoS answers per source IP, and per shard.
     pub qos_rate_per_ip: Rate,
     pub qos_rate_global: Rate,
+    /// Fleet mode: allocations are minted by API instances and admitted at BIND.
+    pub fleet: Option<FleetRelay>,
 }
 
 impl CoreConfig {
@@ -124,6 +128,7 @@ impl CoreConfig {
             qos: true,
             qos_rate_per_ip: Rate { per_sec: 10, burst: 20 },
             qos_rate_global: Rate { per_sec: 20_000, burst: 20_000 },
+            fleet: None,
         }
     }
 }
@@ -169,16 +174,23 @@ pub struct Core {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     fired: Vec<u32>,
+    /// The latest time the core was driven with (for work that has no `now` of its own).
+    now: Millis,
 }
 
 impl Core {
     pub fn new(cfg: CoreConfig, now: Millis) -> Self {
+        let cipher = {
+            let m = PreKeyedHmac::new(&cfg.conn_secret).mac(b"ferry slot permutation");
+            let k = |i: usize| u32::from_be_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
+            table::SlotCipher::new([k(0), k(4), k(8), k(12)])
+        };
         Self {
-            table: Table::new(cfg.max_allocations as usize, {
-                let m = PreKeyedHmac::new(&cfg.conn_secret).mac(b"ferry slot permutation");
-                let k = |i: usize| u32::from_be_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
-                table::SlotCipher::new([k(0), k(4), k(8), k(12)])
-            }),
+            table: match cfg.fleet {
+                Some(_) => Table::new_indexed(cfg.max_allocations as usize, cipher),
+                None => Table::new(cfg.max_allocations as usize, cipher),
+            },
+            now,
             wheel: TimerWheel::new(now),
             conn: ConnectionData::new(&cfg.conn_secret),
             limiter: ErrorLimiter::new(cfg.limiter_buckets, cfg.error_rate_per_ip, cfg.error_rate_global),
@@ -219,6 +231,7 @@ impl Core {
     }
 
     pub fn handle_control(&mut self, now: Millis, cmd: Control) -> Result<ControlReply, ControlError> {
+        self.now = self.now.max(now);
         match cmd {
             Control::CreateHost { max_connections, entropy } => {
                 self.create_host(now, max_connections, entropy).map(|c| ControlReply::Created(Box::new(c)))
@@ -247,6 +260,10 @@ impl Core {
                 c.unconfirmed_budget = r.unconfirmed_budget;
                 c.stun = r.stun;
                 c.qos = r.qos;
+                if let (Some(mine), Some(new)) = (&mut c.fleet, r.fleet) {
+                    mine.keys = new.keys;
+                    mine.unix_at_zero = new.unix_at_zero;
+                }
                 Ok(ControlReply::Released)
             }
         }
@@ -336,6 +353,14 @@ impl Core {
         host: &AllocationId,
         entropy: Entropy,
     ) -> Result<Created, ControlError> {
+        let (h, role) = self.joiner_role(now, host)?;
+        let j = self.alloc(now, role, &entropy)?;
+        self.link_joiner(h, j);
+        Ok(self.created(j))
+    }
+
+    /// The live host `host` and the role a new joiner of it takes, if the session has room.
+    fn joiner_role(&mut self, now: Millis, host: &AllocationId) -> Result<(u32, Role), ControlError> {
         let h = match self.table.find(host) {
             table::Found::Live(h) => h,
             _ => return Err(ControlError::HostNotFound),
@@ -352,8 +377,12 @@ impl Core {
         if joiners as u32 >= (2 * max_peers as u32).max(max_peers as u32 + 16) {
             return Err(ControlError::SessionFull);
         }
-        let role = Role::Joiner { host: h, linked: false, prev: NIL, next: first };
-        let j = self.alloc(now, role, &entropy)?;
+        Ok((h, Role::Joiner { host: h, linked: false, prev: NIL, next: first }))
+    }
+
+    /// Puts new joiner `j` at the head of its host `h`'s list.
+    fn link_joiner(&mut self, h: u32, j: u32) {
+        let Role::Joiner { next: first, .. } = self.table.slots[j as usize].role else { return };
         if first != NIL {
             if let Role::Joiner { prev, .. } = &mut self.table.slots[first as usize].role {
                 *prev = j;
@@ -363,10 +392,20 @@ impl Core {
             *joiners += 1;
             *first_joiner = j;
         }
-        Ok(self.created(j))
+    }
+
+    /// Fleet mode: takes a slot for admitted allocation `id` with `role` and its key.
+    fn admit_slot(&mut self, now: Millis, id: AllocationId, role: Role, key: PreKeyedHmac) -> Option<u32> {
+        let i = self.table.alloc(now, role, |_| id)?;
+        self.arm(now, i, key);
+        Some(i)
     }
 
     fn alloc(&mut self, now: Millis, role: Role, entropy: &Entropy) -> Result<u32, ControlError> {
+        if self.table.is_indexed() {
+            // A fleet relay's allocations are minted by the API instances.
+            return Err(ControlError::Full);
+        }
         let (shard, shards, cipher) = (self.cfg.shard, self.cfg.shards, self.table.cipher);
         let seed = entropy.id;
         let i = self
@@ -374,11 +413,16 @@ impl Core {
             .alloc(now, role, |slot| mint_id(seed, shard, shards, slot, &cipher))
             .ok_or(ControlError::Full)?;
         let key = allocation_key(&self.cfg.conn_secret, &self.table.slots[i as usize].id);
-        self.table.keys[i as usize] = PreKeyedHmac::new(&key);
+        self.arm(now, i, PreKeyedHmac::new(&key));
+        Ok(i)
+    }
+
+    /// Sets up a freshly taken slot: its key and its timer.
+    fn arm(&mut self, _now: Millis, i: u32, key: PreKeyedHmac) {
+        self.table.keys[i as usize] = key;
         let deadline = self.deadline(i);
         self.table.slots[i as usize].timer = self.wheel.insert(deadline, i);
         self.stats.allocations_created += 1;
-        Ok(i)
     }
 
     fn created(&self, i: u32) -> Created {
@@ -395,6 +439,8 @@ impl Core {
     /// Expires every allocation whose deadline is `<= now`.
     pub fn handle_timeout(&mut self, now: Millis) {
         let mut fired = std::mem::take(&mut self.fired);
+        self.now = self.now.max(now);
+        self.table.purge_graves(now);
         self.wheel.poll(now, &mut fired);
         for &i in &fired {
             let s = &self.table.slots[i as usize];
@@ -494,8 +540,15 @@ impl Core {
     }
 
     fn free(&mut self, i: u32, id: AllocationId, is_host: bool, reason: ReleaseReason) {
-        self.table.free(i, reason == ReleaseReason::TimedOut);
+        let bytes = self.table.slots[i as usize].rx_bytes;
+        let timed_out = reason == ReleaseReason::TimedOut;
+        self.table.free(i, timed_out);
+        if self.table.is_indexed() {
+            // No token for `id` can still be inside its bind window after this.
+            let skew = self.cfg.fleet.as_ref().map_or(0, |f| f.skew_ms);
+            self.table.bury(id, timed_out, self.now + self.cfg.unbound_timeout + skew);
+        }
         self.stats.released[reason as usize] += 1;
-        self.events.push_back(Event::Released { id, is_host, reason });
+        self.events.push_back(Event::Released { id, is_host, reason, bytes });
     }
 }

@@ -37,10 +37,12 @@ pub enum DropReason {
     Stun,
     /// A QoS ping that was not answered (the reason is in the QoS counters).
     Qos,
+    /// A fleet BIND whose token was refused (the reason is in the bind-reject counters).
+    TokenRefused,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         Self::Oversize,
         Self::Short,
         Self::BadSignature,
@@ -60,6 +62,7 @@ impl DropReason {
         Self::Unconfirmed,
         Self::Stun,
         Self::Qos,
+        Self::TokenRefused,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -84,6 +87,7 @@ impl DropReason {
             Self::Unconfirmed => "unconfirmed_destination",
             Self::Stun => "stun",
             Self::Qos => "qos",
+            Self::TokenRefused => "token_refused",
         }
     }
 }
@@ -152,6 +156,8 @@ pub struct Stats {
     pub stun: [u64; super::StunOutcome::COUNT],
     /// QoS pings by outcome ([`super::QosOutcome`]).
     pub qos: [u64; super::QosOutcome::COUNT],
+    /// Fleet BINDs refused, by reason ([`super::BindReject`]).
+    pub bind_rejects: [u64; super::BindReject::COUNT],
 }
 
 impl Stats {
@@ -195,6 +201,9 @@ impl Stats {
             *a += b;
         }
         for (a, b) in self.qos.iter_mut().zip(o.qos) {
+            *a += b;
+        }
+        for (a, b) in self.bind_rejects.iter_mut().zip(o.bind_rejects) {
             *a += b;
         }
     }

@@ -144,11 +144,64 @@ pub(crate) struct Table {
     cap: usize,
     /// Enciphers the slot index in IDs, so IDs do not reveal how many allocations exist.
     pub cipher: SlotCipher,
+    /// Fleet mode: IDs are minted by API instances and carry no slot index, so they are found
+    /// through this map (SipHash with a random key: attacker-chosen IDs cannot aim collisions).
+    index: Option<std::collections::HashMap<AllocationId, u32>>,
+    /// Fleet mode: IDs that ended here (true: timed out), kept until `graves_order` says they
+    /// can no longer be inside a token's bind window.
+    graves: std::collections::HashMap<AllocationId, bool>,
+    graves_order: std::collections::VecDeque<(Millis, AllocationId)>,
 }
 
 impl Table {
     pub fn new(cap: usize, cipher: SlotCipher) -> Self {
-        Self { slots: Vec::new(), keys: Vec::new(), free_head: NIL, free_tail: NIL, live: 0, cap, cipher }
+        Self {
+            slots: Vec::new(),
+            keys: Vec::new(),
+            free_head: NIL,
+            free_tail: NIL,
+            live: 0,
+            cap,
+            cipher,
+            index: None,
+            graves: Default::default(),
+            graves_order: Default::default(),
+        }
+    }
+
+    /// A table for fleet-minted IDs (found by map, not by an index they carry).
+    pub fn new_indexed(cap: usize, cipher: SlotCipher) -> Self {
+        Self { index: Some(Default::default()), ..Self::new(cap, cipher) }
+    }
+
+    pub fn is_indexed(&self) -> bool {
+        self.index.is_some()
+    }
+
+    /// Fleet mode: remembers that `id` ended here until `until`.
+    pub fn bury(&mut self, id: AllocationId, timed_out: bool, until: Millis) {
+        if self.graves.insert(id, timed_out).is_none() {
+            self.graves_order.push_back((until, id));
+        }
+        while self.graves_order.len() > self.cap {
+            if let Some((_, old)) = self.graves_order.pop_front() {
+                self.graves.remove(&old);
+            }
+        }
+    }
+
+    /// Forgets graves whose time has passed.
+    pub fn purge_graves(&mut self, now: Millis) {
+        while self.graves_order.front().is_some_and(|(until, _)| *until <= now) {
+            if let Some((_, id)) = self.graves_order.pop_front() {
+                self.graves.remove(&id);
+            }
+        }
+    }
+
+    /// Whether `id` ended here recently (fleet mode).
+    pub fn buried(&self, id: &AllocationId) -> bool {
+        self.graves.contains_key(id)
     }
 
     pub fn live(&self) -> usize {
@@ -157,6 +210,15 @@ impl Table {
 
     #[inline]
     pub fn find(&self, id: &AllocationId) -> Found {
+        if let Some(index) = &self.index {
+            return match index.get(id) {
+                Some(&i) => Found::Live(i),
+                None => match self.graves.get(id) {
+                    Some(true) => Found::TimedOut,
+                    _ => Found::Unknown,
+                },
+            };
+        }
         let i = slot_of(id, &self.cipher);
         match self.slots.get(i) {
             Some(s) if s.id == *id => match s.state {
@@ -196,11 +258,14 @@ impl Table {
         } else {
             return None;
         };
-        let s = &mut self.slots[idx as usize];
         let mut id = mint(idx);
-        if id == s.id {
+        if id == self.slots[idx as usize].id && self.index.is_none() {
             id.0[9] ^= 1;
         }
+        if let Some(index) = &mut self.index {
+            index.insert(id, idx);
+        }
+        let s = &mut self.slots[idx as usize];
         *s = Slot {
             id,
             bound: None,
@@ -219,6 +284,9 @@ impl Table {
     }
 
     pub fn free(&mut self, i: u32, timed_out: bool) {
+        if let Some(index) = &mut self.index {
+            index.remove(&self.slots[i as usize].id);
+        }
         let s = &mut self.slots[i as usize];
         s.state = if timed_out { SlotState::TimedOut } else { SlotState::Vacant };
         s.bound = None;

@@ -228,6 +228,8 @@ pub enum Sealed {
 pub struct DtlsLayer {
     ctx: SslContext,
     secret: [u8; 64],
+    /// In a fleet, allocation keys derive from the fleet's relay keys instead of `secret`.
+    fleet: Option<crate::core::FleetRelay>,
     cfg: DtlsConfig,
     sessions: HashMap<SocketAddr, Session>,
     halfopen_per_ip: HashMap<IpAddr, u16>,
@@ -347,10 +349,16 @@ const DTLS_CTRL_HANDLE_TIMEOUT: std::ffi::c_int = 74;
 const SSL_CTRL_SET_MAX_SEND_FRAGMENT: std::ffi::c_int = 52;
 
 impl DtlsLayer {
+    /// Keys sessions' PSKs by a fleet's relay keys (and takes their rotations).
+    pub fn set_fleet(&mut self, fleet: Option<crate::core::FleetRelay>) {
+        self.fleet = fleet;
+    }
+
     pub fn new(ctx: SslContext, secret: [u8; 64], cfg: DtlsConfig) -> Self {
         Self {
             ctx,
             secret,
+            fleet: None,
             cfg,
             sessions: HashMap::new(),
             halfopen_per_ip: HashMap::new(),
@@ -441,7 +449,10 @@ impl DtlsLayer {
         if let Some(identity) = record::psk_identity(d) {
             let id = record::identity_id(identity);
             s.id = id;
-            psk = id.map(|id| crate::core::allocation_key(&self.secret, &id));
+            psk = match &self.fleet {
+                Some(f) => id.and_then(|id| f.allocation_key(&id)),
+                None => id.map(|id| crate::core::allocation_key(&self.secret, &id)),
+            };
         }
         CALL.with(|c| c.set(CallContext { now, peer: Some(src), psk }));
         self.lend(&mut stream, d);

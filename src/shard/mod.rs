@@ -270,8 +270,13 @@ impl State {
         dtls: Option<(openssl::ssl::SslContext, DtlsConfig)>,
     ) -> Self {
         let secret = core.conn_secret;
+        let fleet = core.fleet.clone();
         Self {
-            dtls: dtls.map(|(ctx, cfg)| DtlsLayer::new(ctx, secret, cfg)),
+            dtls: dtls.map(|(ctx, cfg)| {
+                let mut d = DtlsLayer::new(ctx, secret, cfg);
+                d.set_fleet(fleet);
+                d
+            }),
             redirects: HashMap::new(),
             plain: vec![0; BUF_SIZE],
             sealed: vec![0; BUF_SIZE],
@@ -451,7 +456,14 @@ impl State {
         for _ in 0..CONTROL_PER_TURN {
             match rx.try_recv() {
                 Ok(ShardMsg::Control(cmd, reply)) => {
+                    let rotated = match &cmd {
+                        crate::core::Control::Reconfigure(r) => r.fleet.is_some(),
+                        _ => false,
+                    };
                     let _ = reply.send(self.core.handle_control(now, cmd));
+                    if let (true, Some(d)) = (rotated, &mut self.dtls) {
+                        d.set_fleet(self.core.config().fleet.clone());
+                    }
                 }
                 Ok(ShardMsg::Stats(reply)) => {
                     self.stats.uptime_ms = now.saturating_sub(self.started);

@@ -6,6 +6,7 @@
 
 mod conndata;
 mod hmac;
+pub mod token;
 
 pub use conndata::{ConnDataError, ConnectionData, CONNECTION_DATA_LEN};
 pub use hmac::PreKeyedHmac;
