@@ -27,6 +27,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the allocations API and the relay.
     Serve(Box<ServeArgs>),
+    /// Run a fleet relay: the data plane, registered in the directory (`--store`, `--fleet-key-file`).
+    Relay(Box<ServeArgs>),
+    /// Run a fleet API instance: stateless, on the directory (`--store`, `--fleet-key-file`).
+    Api(Box<ServeArgs>),
+    /// Look after a fleet: its relays, its event stream, fleet keys.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Run a full allocate → join code → join → bind → connect → relay round trip against an API.
     Demo(DemoArgs),
     /// Carry any UDP game through Ferry: `tunnel host` next to a game server, `tunnel join CODE`
@@ -40,6 +47,51 @@ pub enum Command {
     /// The B1 ideal forwarder used as a benchmark baseline (recvmmsg → lookup → sendmmsg).
     #[command(hide = true)]
     BenchB1(B1Args),
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum FleetCommand {
+    /// Regions and their relays: state, epoch, uptime, load against capacity, heartbeat age.
+    Status(FleetStatusArgs),
+    /// The allocation lifecycle event stream (created, bound, closed), oldest first.
+    Events(FleetEventsArgs),
+    /// Print a new fleet key line (`KID BASE64`) for the fleet key file.
+    Keygen {
+        /// The key ID (0-255); use a new one for each rotation.
+        #[arg(long, default_value_t = 1)]
+        kid: u8,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct FleetStatusArgs {
+    /// The fleet directory URL.
+    #[arg(long, env = "FERRY_STORE")]
+    pub store: String,
+    /// A relay whose heartbeat is older than this shows as stale [default: 3s].
+    #[arg(long, env = "FERRY_HEARTBEAT_EXPIRY", value_parser = duration_arg, default_value = "3s")]
+    pub heartbeat_expiry: Duration,
+    /// A relay up for less than this shows as warming [default: 3s].
+    #[arg(long, env = "FERRY_RELAY_WARMUP", value_parser = duration_arg, default_value = "3s")]
+    pub relay_warmup: Duration,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FleetEventsArgs {
+    #[arg(long, env = "FERRY_STORE")]
+    pub store: String,
+    /// Start after this stream ID (`0`: from the oldest kept).
+    #[arg(long, default_value = "0")]
+    pub after: String,
+    /// Keep waiting for new events.
+    #[arg(long)]
+    pub follow: bool,
+    /// Stop after this many events (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub count: usize,
 }
 
 #[derive(Args, Debug)]
@@ -365,6 +417,31 @@ pub struct ServeArgs {
     /// A WebSocket connection that receives nothing for this long is closed [default: 60s].
     #[arg(long, env = "FERRY_WS_IDLE_TIMEOUT", value_parser = duration_arg)]
     pub ws_idle_timeout: Option<Duration>,
+    /// Fleet directory URL: redis://, rediss:// (TLS) or redis+sentinel://h:p[,h:p]/MASTER
+    /// (`ferry relay` and `ferry api`).
+    #[arg(long, env = "FERRY_STORE")]
+    pub store: Option<String>,
+    /// File of fleet keys, `KID BASE64` per line, the first one minting (`ferry fleet keygen`).
+    #[arg(long, env = "FERRY_FLEET_KEY_FILE")]
+    pub fleet_key_file: Option<PathBuf>,
+    /// This relay's name in the fleet, unique [default: the advertised host:port].
+    #[arg(long, env = "FERRY_RELAY_NAME")]
+    pub relay_name: Option<String>,
+    /// Regions an API instance lists and places in, comma separated [default: its region].
+    #[arg(long = "regions", env = "FERRY_REGIONS", value_delimiter = ',')]
+    pub regions: Option<Vec<String>>,
+    /// How often a relay heartbeats [default: 1s].
+    #[arg(long, env = "FERRY_HEARTBEAT_INTERVAL", value_parser = duration_arg)]
+    pub heartbeat_interval: Option<Duration>,
+    /// A relay whose last heartbeat is older than this gets no placement [default: 3s].
+    #[arg(long, env = "FERRY_HEARTBEAT_EXPIRY", value_parser = duration_arg)]
+    pub heartbeat_expiry: Option<Duration>,
+    /// A relay gets new hosts once it has been up this long [default: 3s].
+    #[arg(long, env = "FERRY_RELAY_WARMUP", value_parser = duration_arg)]
+    pub relay_warmup: Option<Duration>,
+    /// Deadline of each fleet directory operation [default: 1s].
+    #[arg(long, env = "FERRY_STORE_TIMEOUT", value_parser = duration_arg)]
+    pub store_timeout: Option<Duration>,
 }
 
 /// A boolean in the TOML file: `true`, `1`, `"yes"`, `"on"`, …
@@ -467,6 +544,14 @@ struct FileConfig {
     api_header_timeout: Option<FileDuration>,
     api_body_timeout: Option<FileDuration>,
     ws_idle_timeout: Option<FileDuration>,
+    store: Option<String>,
+    fleet_key_file: Option<PathBuf>,
+    relay_name: Option<String>,
+    regions: Option<Vec<String>>,
+    heartbeat_interval: Option<FileDuration>,
+    heartbeat_expiry: Option<FileDuration>,
+    relay_warmup: Option<FileDuration>,
+    store_timeout: Option<FileDuration>,
 }
 
 fn file_duration(key: &str, d: Option<FileDuration>) -> Result<Option<Duration>, ConfigError> {
@@ -607,8 +692,18 @@ impl ServeArgs {
             api_header_timeout,
             api_body_timeout,
             ws_idle_timeout,
-            jwt_leeway
+            jwt_leeway,
+            heartbeat_interval,
+            heartbeat_expiry,
+            relay_warmup,
+            store_timeout
         );
+        c.store = self.store.or(file.store);
+        c.fleet_key_file = self.fleet_key_file.or(file.fleet_key_file);
+        c.relay_name = self.relay_name.or(file.relay_name);
+        if let Some(r) = self.regions.or(file.regions) {
+            c.regions = r;
+        }
         c.control_socket = self.control_socket.or(file.control_socket);
         c.control_listen = self.control_listen.or(file.control_listen);
         c.control_secret = self.control_secret.or(file.control_secret);

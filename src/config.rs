@@ -70,9 +70,23 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+/// Which part a process plays.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    /// `ferry serve`: API and relay in one process, with an in-process directory.
+    #[default]
+    Serve,
+    /// `ferry relay`: the data plane of a fleet; registers in the directory.
+    Relay,
+    /// `ferry api`: an allocations API instance of a fleet; holds no state of its own.
+    Api,
+}
+
 /// The complete, validated configuration of `ferry serve`.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// What this process is (set by the subcommand, not a key).
+    pub role: Role,
     pub api_listen: SocketAddr,
     pub relay_listen: SocketAddr,
     /// Host clients are told to reach the relay at (`serverEndpoints[].host`).
@@ -190,6 +204,18 @@ pub struct Config {
     pub api_body_timeout: Duration,
     /// A WebSocket connection that receives nothing for this long is closed.
     pub ws_idle_timeout: Duration,
+    /// Fleet mode (`ferry relay`, `ferry api`): the directory's URL.
+    pub store: Option<String>,
+    /// Fleet mode: the fleet key file (`KID BASE64` per line; the first mints).
+    pub fleet_key_file: Option<PathBuf>,
+    /// Fleet mode: this relay's unique name [default: the advertised host:port].
+    pub relay_name: Option<String>,
+    /// Fleet mode: the regions an API instance lists and places in [default: `region`].
+    pub regions: Vec<String>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_expiry: Duration,
+    pub relay_warmup: Duration,
+    pub store_timeout: Duration,
 }
 
 /// A configuration error that names its key.
@@ -217,6 +243,7 @@ impl Config {
     /// The defaults `ferry serve` runs with when nothing is configured.
     pub fn defaults() -> Self {
         Self {
+            role: Role::Serve,
             api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 7880)),
             relay_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7777)),
             advertise: String::new(),
@@ -288,7 +315,38 @@ impl Config {
             api_header_timeout: Duration::from_secs(5),
             api_body_timeout: Duration::from_secs(10),
             ws_idle_timeout: Duration::from_secs(60),
+            store: None,
+            fleet_key_file: None,
+            relay_name: None,
+            regions: Vec::new(),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_expiry: Duration::from_secs(3),
+            relay_warmup: Duration::from_secs(3),
+            store_timeout: Duration::from_secs(1),
         }
+    }
+
+    /// The configuration of a fleet role: `store` and `fleet_key_file` are required, and the
+    /// key file must parse.
+    pub fn for_role(mut self, role: Role) -> Result<Self, ConfigError> {
+        self.role = role;
+        if role == Role::Serve {
+            return Ok(self);
+        }
+        if self.store.is_none() {
+            return Err(err(
+                "store",
+                "is required by `ferry relay` and `ferry api` (e.g. redis://127.0.0.1:6379)",
+            ));
+        }
+        let Some(path) = &self.fleet_key_file else {
+            return Err(err(
+                "fleet_key_file",
+                "is required by `ferry relay` and `ferry api` (`ferry fleet keygen` writes one)",
+            ));
+        };
+        crate::fleet::keys::FleetKeys::load(path).map_err(|m| err("fleet_key_file", m))?;
+        Ok(self)
     }
 
     /// Checks cross-field rules and fills derived values (advertised host and port).
@@ -371,6 +429,26 @@ impl Config {
                 Some((h, Ok(port))) if !h.is_empty() && port != 0 => {}
                 _ => return Err(err("wss_public", "must be host:port")),
             }
+        }
+        if self.heartbeat_interval < Duration::from_millis(50)
+            || self.heartbeat_interval > Duration::from_secs(60)
+        {
+            return Err(err("heartbeat_interval", "must be between 50ms and 60s"));
+        }
+        if self.heartbeat_expiry <= self.heartbeat_interval {
+            return Err(err("heartbeat_expiry", "must be longer than heartbeat_interval (a few heartbeats)"));
+        }
+        if self.store_timeout < Duration::from_millis(10) || self.store_timeout > Duration::from_secs(30) {
+            return Err(err("store_timeout", "must be between 10ms and 30s"));
+        }
+        if let Some(r) = self.regions.iter().find(|r| r.trim().is_empty()) {
+            return Err(err("regions", format!("`{r}` is not a region ID")));
+        }
+        if self.regions.is_empty() {
+            self.regions = vec![self.region.clone()];
+        }
+        if let Some(s) = &self.store {
+            crate::fleet::store::Store::open(s, self.store_timeout).map_err(|m| err("store", m))?;
         }
         if self.ws_idle_timeout < Duration::from_secs(1) {
             return Err(err("ws_idle_timeout", "must be at least 1s"));

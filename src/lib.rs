@@ -16,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod ctl;
+pub mod fleet;
 #[doc(hidden)]
 pub mod harness;
 pub mod io;

@@ -59,41 +59,16 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(args) => {
-            let reload_from = (*args).clone();
-            let cfg = match args.into_config() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("ferry: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            init_logging(cfg.log_format);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("ferry-control")
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("ferry: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(ferry::serve::serve_until_signal(cfg, Some(reload_from))) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("ferry: {e}");
-                    // Configuration that only start-up can judge (keys, descriptor limits).
-                    if e.kind() == std::io::ErrorKind::InvalidInput {
-                        ExitCode::from(2)
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
+        Command::Serve(args) => serve(args, ferry::config::Role::Serve),
+        Command::Relay(args) => serve(args, ferry::config::Role::Relay),
+        Command::Api(args) => serve(args, ferry::config::Role::Api),
+        Command::Fleet(cmd) => match ferry::fleet::status::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry fleet: {e}");
+                ExitCode::FAILURE
             }
-        }
+        },
         Command::Tunnel(cmd) => {
             use ferry::client::tunnel::cli::{self, TunnelCommand};
             let r = match &cmd {
@@ -136,6 +111,42 @@ fn main() -> ExitCode {
                     eprintln!("ferry demo: {e}");
                     ExitCode::FAILURE
                 }
+            }
+        }
+    }
+}
+
+fn serve(args: Box<ferry::cli::ServeArgs>, role: ferry::config::Role) -> ExitCode {
+    let reload_from = (*args).clone();
+    let cfg = match args.into_config().and_then(|c| c.for_role(role)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ferry-control")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(ferry::serve::serve_until_signal(cfg, Some(reload_from))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            // Configuration that only start-up can judge (keys, descriptor limits).
+            if e.kind() == std::io::ErrorKind::InvalidInput {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
             }
         }
     }

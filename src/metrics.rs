@@ -60,6 +60,20 @@ pub fn render(shards: &[ShardStats], api: &BTreeMap<(String, u16), u64>, hosts: 
         let _ =
             writeln!(o, "ferry_qos_requests_total{{result=\"{}\"}} {}", r.as_str(), total.qos[r as usize]);
     }
+    family(
+        &mut o,
+        "ferry_relay_bind_rejects_total",
+        "counter",
+        "Fleet BINDs whose token was refused, by reason.",
+    );
+    for r in crate::core::BindReject::ALL {
+        let _ = writeln!(
+            o,
+            "ferry_relay_bind_rejects_total{{reason=\"{}\"}} {}",
+            r.as_str(),
+            total.bind_rejects[r as usize]
+        );
+    }
     dtls(&mut o, shards);
     family(&mut o, "ferry_connects_total", "counter", "CONNECT_REQUEST outcomes.");
     let _ = writeln!(o, "ferry_connects_total{{result=\"accepted\"}} {}", total.connects_accepted);

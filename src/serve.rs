@@ -40,7 +40,11 @@ pub struct Running {
     api_task: tokio::task::JoinHandle<io::Result<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    _port_claim: crate::io::PortClaim,
+    _port_claim: Option<crate::io::PortClaim>,
+    /// A fleet relay's directory agent.
+    pub agent: Option<Arc<crate::fleet::agent::Agent>>,
+    /// A fleet relay's identity (its name and this boot's epoch).
+    fleet_relay: Option<(String, u32)>,
 }
 
 /// The relay's own socket addresses: every local address at the relay's port when it listens on
@@ -52,6 +56,18 @@ fn own_addrs(relay: SocketAddr) -> Vec<SocketAddr> {
     let mut ips = crate::config::interface_ips();
     ips.extend(["127.0.0.1".parse::<std::net::IpAddr>().ok(), "::1".parse().ok()].into_iter().flatten());
     ips.into_iter().map(|ip| SocketAddr::new(ip, relay.port())).collect()
+}
+
+/// The relay side of fleet tokens for relay `name` in boot `epoch`.
+fn fleet_relay(cfg: &Config, name: &str, epoch: u32, clock: &Clock) -> io::Result<crate::core::FleetRelay> {
+    let path = cfg.fleet_key_file.as_deref().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "invalid configuration `fleet_key_file`: required")
+    })?;
+    let keys = crate::fleet::keys::FleetKeys::load(path).map_err(|m| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("invalid configuration `fleet_key_file`: {m}"))
+    })?;
+    let unix_at_zero = crate::clock::Clock::unix_millis().saturating_sub(clock.now());
+    Ok(crate::core::FleetRelay::new(name, epoch, &keys.keys, unix_at_zero))
 }
 
 fn core_config(cfg: &Config, shard: usize, relay: SocketAddr) -> CoreConfig {
@@ -236,6 +252,12 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     changed
 }
 
+/// How long the directory keeps a relay record after its last heartbeat: long enough for
+/// `ferry fleet status` to show it as stale before it disappears.
+fn keep_for(cfg: &Config) -> Duration {
+    (cfg.heartbeat_expiry * 10).max(Duration::from_secs(30))
+}
+
 fn with_context(e: io::Error, what: &str, addr: impl std::fmt::Display) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {addr}: {e}"))
 }
@@ -246,16 +268,54 @@ impl Running {
         let clock = Clock::new();
         let nofile = raise_nofile_limit();
         let api_cap = api_connection_cap(&cfg, nofile)?;
-        let port_claim = crate::io::claim_udp_port(cfg.relay_listen)
-            .map_err(|e| with_context(e, "cannot bind relay_listen", cfg.relay_listen))?;
+        let role = cfg.role;
+        if role == crate::config::Role::Api {
+            // An API instance of a fleet has no relay: no shards, no UDP or WebSocket listeners.
+            cfg.shards = 0;
+            cfg.dtls = false;
+            cfg.ws_listen = None;
+            cfg.wss_listen = None;
+        }
+        let port_claim = match role {
+            crate::config::Role::Api => None,
+            _ => Some(
+                crate::io::claim_udp_port(cfg.relay_listen)
+                    .map_err(|e| with_context(e, "cannot bind relay_listen", cfg.relay_listen))?,
+            ),
+        };
         // Shard 0 binds first so that port 0 (tests) resolves to one port all shards share.
-        let first = bind_udp(cfg.relay_listen, cfg.shards > 1)
-            .map_err(|e| with_context(e, "cannot bind relay_listen", cfg.relay_listen))?;
-        let relay_addr = first.local_addr()?;
+        let mut sockets = Vec::new();
+        let relay_addr = if cfg.shards > 0 {
+            let first = bind_udp(cfg.relay_listen, cfg.shards > 1)
+                .map_err(|e| with_context(e, "cannot bind relay_listen", cfg.relay_listen))?;
+            let a = first.local_addr()?;
+            sockets.push(first);
+            a
+        } else {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        };
         if cfg.advertise_port == 0 {
             cfg.advertise_port = relay_addr.port();
         }
-        let mut sockets = vec![first];
+        let fleet = match role {
+            crate::config::Role::Relay => {
+                let name = cfg
+                    .relay_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}:{}", cfg.advertise, cfg.advertise_port));
+                let epoch = loop {
+                    let mut b = [0u8; 4];
+                    getrandom::getrandom(&mut b).map_err(io::Error::other)?;
+                    let e = u32::from_be_bytes(b);
+                    if e != 0 {
+                        break e;
+                    }
+                };
+                let f = fleet_relay(&cfg, &name, epoch, &clock)?;
+                Some((name, epoch, f))
+            }
+            _ => None,
+        };
         for _ in 1..cfg.shards {
             sockets.push(
                 bind_udp(relay_addr, true)
@@ -306,7 +366,11 @@ impl Running {
             .map(|(i, socket)| ShardSetup {
                 index: i,
                 socket,
-                core: core_config(&cfg, i, relay_addr),
+                core: {
+                    let mut c = core_config(&cfg, i, relay_addr);
+                    c.fleet = fleet.as_ref().map(|f| f.2.clone());
+                    c
+                },
                 clock,
                 events: ev_tx.clone(),
                 pin: (!cores.is_empty()).then(|| cores[i % cores.len()]),
@@ -345,27 +409,102 @@ impl Running {
         let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
         let wss_addr = wss.as_ref().and_then(|(l, _)| l.local_addr().ok());
 
-        let service = AllocationService::new(
-            relay.clone(),
-            ServiceConfig {
-                endpoints: endpoints(&cfg, ws_port, wss_port),
-                advertise: cfg.advertise.clone(),
-                advertise_ipv4: cfg.advertise_ipv4.unwrap_or(std::net::Ipv4Addr::LOCALHOST).to_string(),
-                port: cfg.advertise_port,
-                region: cfg.region.clone(),
-                join_code_length: cfg.join_code_length,
-                max_connections_cap: cfg.max_connections_cap,
-                log_lifecycle: cfg.log_lifecycle,
-                log_lifecycle_sample: cfg.log_lifecycle_sample,
-                tenant_max_allocations: cfg.tenant_max_allocations,
-                tenant_allocations_per_sec: cfg.tenant_allocations_per_sec,
-                tenants: cfg.tenants.iter().map(|t| crate::control::jwt::Tenant::parse(t)).collect(),
-            },
-        );
+        let service_cfg = ServiceConfig {
+            endpoints: endpoints(&cfg, ws_port, wss_port),
+            advertise: cfg.advertise.clone(),
+            advertise_ipv4: cfg.advertise_ipv4.unwrap_or(std::net::Ipv4Addr::LOCALHOST).to_string(),
+            port: cfg.advertise_port,
+            region: cfg.region.clone(),
+            join_code_length: cfg.join_code_length,
+            max_connections_cap: cfg.max_connections_cap,
+            log_lifecycle: cfg.log_lifecycle,
+            log_lifecycle_sample: cfg.log_lifecycle_sample,
+            tenant_max_allocations: cfg.tenant_max_allocations,
+            tenant_allocations_per_sec: cfg.tenant_allocations_per_sec,
+            tenants: cfg.tenants.iter().map(|t| crate::control::jwt::Tenant::parse(t)).collect(),
+        };
         let mut tasks = Vec::new();
+        let store = match &cfg.store {
+            Some(url) if role != crate::config::Role::Serve => {
+                Some(Arc::new(crate::fleet::store::Store::open(url, cfg.store_timeout).map_err(|m| {
+                    io::Error::new(io::ErrorKind::InvalidInput, format!("invalid configuration `store`: {m}"))
+                })?))
+            }
+            _ => None,
+        };
+        let service = match (role, &store) {
+            (crate::config::Role::Api, Some(store)) => {
+                let keys = crate::fleet::keys::FleetKeys::load(
+                    cfg.fleet_key_file.as_deref().unwrap_or(std::path::Path::new("")),
+                )
+                .map_err(|m| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("invalid configuration `fleet_key_file`: {m}"),
+                    )
+                })?;
+                let api = crate::fleet::api::FleetApi::new(
+                    crate::fleet::directory::Directory::new(store.clone()),
+                    keys,
+                    crate::fleet::api::FleetApiConfig {
+                        region: cfg.region.clone(),
+                        regions: cfg.regions.clone(),
+                        expiry: cfg.heartbeat_expiry,
+                        warmup: cfg.relay_warmup,
+                        refresh: (cfg.heartbeat_interval / 2).max(Duration::from_millis(50)),
+                        keep: keep_for(&cfg),
+                        bind_window: cfg.unbound_timeout,
+                        join_code_length: cfg.join_code_length,
+                        max_connections_cap: cfg.max_connections_cap,
+                    },
+                );
+                if let Err(e) = api.refresh().await {
+                    tracing::warn!(error = %e, "the fleet directory is not reachable yet; allocations answer 503 until it is");
+                }
+                tasks.push(tokio::spawn(api.clone().run_refresh()));
+                AllocationService::fleet(api, service_cfg)
+            }
+            _ => AllocationService::new(relay.clone(), service_cfg),
+        };
+        let agent = match (&fleet, &store) {
+            (Some((name, epoch, _)), Some(store)) => {
+                let record = crate::fleet::records::RelayRecord {
+                    name: name.clone(),
+                    region: cfg.region.clone(),
+                    epoch: *epoch,
+                    endpoints: service.config().endpoints.clone(),
+                    ipv4: service.config().advertise_ipv4.clone(),
+                    port: cfg.advertise_port,
+                    qos: match cfg.advertise.parse::<std::net::IpAddr>() {
+                        Ok(ip) => SocketAddr::new(ip, cfg.advertise_port).to_string(),
+                        Err(_) => format!("{}:{}", cfg.advertise, cfg.advertise_port),
+                    },
+                    capacity: cfg.max_allocations as u64,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    ..Default::default()
+                };
+                let agent = crate::fleet::agent::Agent::new(
+                    crate::fleet::directory::Directory::new(store.clone()),
+                    crate::fleet::agent::AgentConfig {
+                        heartbeat: cfg.heartbeat_interval,
+                        keep: keep_for(&cfg),
+                        session_ttl: Duration::from_secs(24 * 3600),
+                    },
+                    record,
+                );
+                tasks.push(tokio::spawn(agent.clone().run_heartbeats(relay.clone())));
+                tasks.push(tokio::spawn(agent.clone().run_events()));
+                Some(agent)
+            }
+            _ => None,
+        };
         let svc = service.clone();
+        let ag = agent.clone();
         tasks.push(tokio::spawn(async move {
             while let Some((shard, ev)) = ev_rx.recv().await {
+                if let Some(a) = &ag {
+                    a.on_event(&ev);
+                }
                 svc.on_event(shard, ev);
             }
         }));
@@ -457,7 +596,11 @@ impl Running {
             ),
         };
         let limits = api_limits(&cfg, jwt, anonymous);
-        let state = ApiState::new(service.clone(), limits, clock);
+        let mut state = ApiState::new(service.clone(), limits, clock);
+        state.relay_role = role == crate::config::Role::Relay;
+        if let Some(a) = &agent {
+            let _ = state.agent.set(a.clone());
+        }
         let listener = tokio::net::TcpListener::bind(cfg.api_listen)
             .await
             .map_err(|e| with_context(e, "cannot bind api_listen", cfg.api_listen))?;
@@ -545,6 +688,10 @@ impl Running {
             api_max_connections = api_cap,
             open_files_limit = nofile,
             region = %cfg.region,
+            role = ?role,
+            relay_name = fleet.as_ref().map(|f| f.0.as_str()),
+            epoch = fleet.as_ref().map(|f| f.1),
+            store = store.as_ref().map(|s| s.url()),
             "ferry serving"
         );
         Ok(Self {
@@ -564,6 +711,8 @@ impl Running {
             threads,
             tasks,
             _port_claim: port_claim,
+            agent,
+            fleet_relay: fleet.map(|f| (f.0, f.1)),
         })
     }
 
@@ -593,9 +742,26 @@ impl Running {
                 unconfirmed_budget: new.unconfirmed_budget,
                 stun: new.stun,
                 qos: new.qos,
-                fleet: None,
+                fleet: match &self.fleet_relay {
+                    Some((name, epoch)) => match fleet_relay(&new, name, *epoch, &self.state.clock) {
+                        Ok(f) => Some(f),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reload: fleet keys not reloaded; the old ones stay");
+                            None
+                        }
+                    },
+                    None => None,
+                },
             })
             .await;
+        if let Some(f) = self.service.fleet_api() {
+            match crate::fleet::keys::FleetKeys::load(
+                new.fleet_key_file.as_deref().unwrap_or(std::path::Path::new("")),
+            ) {
+                Ok(k) => f.set_keys(k),
+                Err(e) => tracing::warn!(error = %e, "reload: fleet keys not reloaded; the old ones stay"),
+            }
+        }
         let current = self.state.limits();
         let anonymous = new.api_anonymous || (new.api_tokens.is_empty() && current.jwt.is_none());
         self.state.set_limits(api_limits(&new, current.jwt.clone(), anonymous));
@@ -639,6 +805,9 @@ impl Running {
 
     /// Refuses new allocations and reports not-ready; live sessions keep working.
     pub fn start_draining(&self) {
+        if let Some(a) = &self.agent {
+            a.start_draining();
+        }
         self.service.start_draining();
     }
 
@@ -667,6 +836,7 @@ impl Running {
 pub async fn serve_until_signal(cfg: Config, reload_from: Option<crate::cli::ServeArgs>) -> io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let drain = cfg.drain_timeout;
+    let role = cfg.role;
     // Handlers first: from the moment "ferry serving" is logged, a signal means "drain", never
     // the default action. A signal that arrives during start-up is kept and handled right after.
     let mut term = signal(SignalKind::terminate())?;
@@ -701,7 +871,7 @@ pub async fn serve_until_signal(cfg: Config, reload_from: Option<crate::cli::Ser
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match reload_from.clone().map(|a| a.into_config()) {
+            _ = hup.recv() => match reload_from.clone().map(|a| a.into_config().and_then(|c| c.for_role(role))) {
                 Some(Ok(new)) => {
                     running.apply_config(new).await;
                 }

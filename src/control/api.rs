@@ -50,6 +50,10 @@ pub struct ApiState {
     pub(crate) clock: Clock,
     /// The WebSocket listeners' counters.
     pub ws: Arc<crate::secure::stream::WsStats>,
+    /// A fleet relay serves no allocations API, only health and metrics.
+    pub relay_role: bool,
+    /// A fleet relay's directory agent (for its metrics).
+    pub agent: Arc<std::sync::OnceLock<Arc<crate::fleet::agent::Agent>>>,
 }
 
 impl ApiState {
@@ -62,6 +66,8 @@ impl ApiState {
             limits: Arc::new(std::sync::RwLock::new(Arc::new(limits))),
             clock,
             ws: Arc::new(Default::default()),
+            agent: Default::default(),
+            relay_role: false,
         }
     }
 
@@ -126,10 +132,24 @@ fn service_problem(e: ServiceError) -> Response {
         ServiceError::SessionFull => problem(StatusCode::CONFLICT, 15011, "Session Full", detail),
         ServiceError::WrongKey => problem(StatusCode::FORBIDDEN, 15403, "Forbidden", detail),
         ServiceError::TenantLimit(_) => too_many(&detail, 1),
-        ServiceError::Capacity | ServiceError::Unavailable | ServiceError::Draining => {
-            problem(StatusCode::SERVICE_UNAVAILABLE, 15010, "No Suitable Relay", detail)
+        ServiceError::Capacity
+        | ServiceError::Unavailable
+        | ServiceError::Draining
+        | ServiceError::NoRelay(_) => {
+            retry_after(problem(StatusCode::SERVICE_UNAVAILABLE, 15010, "No Suitable Relay", detail), 1)
+        }
+        ServiceError::StoreUnavailable(_) => {
+            retry_after(problem(StatusCode::SERVICE_UNAVAILABLE, 15503, "Service Unavailable", detail), 1)
+        }
+        ServiceError::NotSupported(_) => {
+            problem(StatusCode::NOT_IMPLEMENTED, 15501, "Not Implemented", detail)
         }
     }
+}
+
+fn retry_after(mut r: Response, secs: u64) -> Response {
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    r
 }
 
 fn ok<T: Serialize>(status: StatusCode, data: T) -> Response {
@@ -227,7 +247,7 @@ async fn joincode(
         Ok(r) => r,
         Err(r) => return r,
     };
-    match st.service.join_code(&req.allocation_id, &caller.tenant) {
+    match st.service.join_code(&req.allocation_id, &caller.tenant).await {
         Ok((code, created)) => {
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
             ok(status, JoinCodeData { join_code: code })
@@ -290,6 +310,15 @@ async fn remove_joiners(
 
 async fn regions(State(st): State<ApiState>) -> Response {
     let c = st.service.config();
+    if let Some(f) = st.service.fleet_api() {
+        let regions = f
+            .config()
+            .regions
+            .iter()
+            .map(|r| Region { id: r.clone(), description: format!("Ferry relays ({r})") })
+            .collect();
+        return ok(StatusCode::OK, RegionsData { regions });
+    }
     ok(
         StatusCode::OK,
         RegionsData {
@@ -314,6 +343,12 @@ async fn qos_servers(
             15001,
             "Invalid Request",
             format!("service must be `relay`, got `{s}`"),
+        );
+    }
+    if let Some(f) = st.service.fleet_api() {
+        return ok(
+            StatusCode::OK,
+            QosServersData { servers: f.qos_servers(q.get("region").map(|s| s.as_str())) },
         );
     }
     let endpoint = match c.advertise.parse::<std::net::IpAddr>() {
@@ -357,6 +392,12 @@ async fn readyz(State(st): State<ApiState>) -> Response {
     if st.service.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
     }
+    if let Some(f) = st.service.fleet_api() {
+        return match f.ready() {
+            true => (StatusCode::OK, "ready\n").into_response(),
+            false => (StatusCode::SERVICE_UNAVAILABLE, "fleet directory not read recently\n").into_response(),
+        };
+    }
     let n = st.service.relay().shard_count();
     if st.service.relay().stats().await.len() == n {
         (StatusCode::OK, "ready\n").into_response()
@@ -384,6 +425,13 @@ async fn metrics(State(st): State<ApiState>) -> Response {
     text.push_str(&crate::metrics::render_tenants(&st.service.tenant_counts()));
     let latency = st.metrics.latency.lock().map(|m| m.clone()).unwrap_or_default();
     text.push_str(&crate::metrics::render_latency("ferry_api_request_duration_seconds", "route", &latency));
+    if let Some(f) = st.service.fleet_api() {
+        f.render(&mut text);
+    }
+    if let Some(a) = st.agent.get() {
+        a.render(&mut text);
+        crate::fleet::store::render(&mut text, &a.store_stats());
+    }
     let mut r = (StatusCode::OK, text).into_response();
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
@@ -427,14 +475,28 @@ async fn count(State(st): State<ApiState>, req: Request, next: Next) -> Response
 
 /// The whole API router.
 pub fn router(st: ApiState) -> Router {
-    let v1 = Router::new()
-        .route("/v1/allocate", post(allocate))
-        .route("/v1/joincode", post(joincode))
-        .route("/v1/join", post(join))
-        .route("/v1/removejoiners", post(remove_joiners))
-        .route("/v1/regions", get(regions))
-        .route("/v1/servers", get(qos_servers))
-        .route_layer(middleware::from_fn_with_state(st.clone(), guard));
+    let v1 = if st.relay_role {
+        Router::new().route(
+            "/v1/*rest",
+            axum::routing::any(|| async {
+                problem(
+                    StatusCode::NOT_FOUND,
+                    15001,
+                    "Not Found",
+                    "this is a fleet relay: the allocations API is served by `ferry api` instances",
+                )
+            }),
+        )
+    } else {
+        Router::new()
+            .route("/v1/allocate", post(allocate))
+            .route("/v1/joincode", post(joincode))
+            .route("/v1/join", post(join))
+            .route("/v1/removejoiners", post(remove_joiners))
+            .route("/v1/regions", get(regions))
+            .route("/v1/servers", get(qos_servers))
+            .route_layer(middleware::from_fn_with_state(st.clone(), guard))
+    };
     Router::new()
         .merge(v1)
         .route("/healthz", get(healthz))

@@ -66,6 +66,12 @@ pub enum ServiceError {
     TenantLimit(String),
     Draining,
     Unavailable,
+    /// Fleet mode: no fresh, non-draining relay with room in the region.
+    NoRelay(String),
+    /// Fleet mode: the directory could not be reached in time.
+    StoreUnavailable(String),
+    /// Not offered by this kind of instance.
+    NotSupported(&'static str),
 }
 
 impl std::fmt::Display for ServiceError {
@@ -84,6 +90,12 @@ impl std::fmt::Display for ServiceError {
             Self::TenantLimit(m) => f.write_str(m),
             Self::Draining => f.write_str("this relay is draining and takes no new allocations"),
             Self::Unavailable => f.write_str("relay unavailable"),
+            Self::NoRelay(r) => write!(
+                f,
+                "no suitable relay in region `{r}`: none is ready, not draining and below capacity; try again later"
+            ),
+            Self::StoreUnavailable(m) => write!(f, "{m}; try again later"),
+            Self::NotSupported(m) => f.write_str(m),
         }
     }
 }
@@ -132,6 +144,8 @@ impl LiveSettings {
 
 pub struct AllocationService {
     relay: RelayHandle,
+    /// Fleet mode (`ferry api`): allocations are placed and minted through the directory.
+    fleet: Option<Arc<crate::fleet::api::FleetApi>>,
     codes: Mutex<JoinCodes>,
     cfg: ServiceConfig,
     draining: AtomicBool,
@@ -145,12 +159,30 @@ pub struct AllocationService {
 
 impl AllocationService {
     pub fn new(relay: RelayHandle, cfg: ServiceConfig) -> Arc<Self> {
+        Self::build(relay, None, cfg)
+    }
+
+    /// An API instance of a fleet: no relay of its own.
+    pub fn fleet(api: Arc<crate::fleet::api::FleetApi>, cfg: ServiceConfig) -> Arc<Self> {
+        Self::build(RelayHandle::new(Vec::new()), Some(api), cfg)
+    }
+
+    pub fn fleet_api(&self) -> Option<&Arc<crate::fleet::api::FleetApi>> {
+        self.fleet.as_ref()
+    }
+
+    fn build(
+        relay: RelayHandle,
+        fleet: Option<Arc<crate::fleet::api::FleetApi>>,
+        cfg: ServiceConfig,
+    ) -> Arc<Self> {
         let rate = cfg.tenant_allocations_per_sec as f64;
         let live = LiveSettings::default();
         live.set(cfg.log_lifecycle, cfg.log_lifecycle_sample, cfg.tenant_max_allocations);
         Arc::new(Self {
             live,
             relay,
+            fleet,
             codes: Mutex::new(JoinCodes::default()),
             tenant_rate: Mutex::new(KeyedLimiter::new(rate, 1000.0, rate.max(1.0), 100_000)),
             created: Mutex::new(Default::default()),
@@ -273,6 +305,14 @@ impl AllocationService {
                 "maxConnections must be between 1 and {cap}, got {max_connections}"
             )));
         }
+        if let Some(f) = &self.fleet {
+            self.check_tenant_limits(tenant)?;
+            let a = f.allocate(max_connections as u16, region, tenant).await?;
+            if let Ok(mut m) = self.created.lock() {
+                *m.entry(self.tenant_label(tenant)).or_insert(0) += 1;
+            }
+            return Ok(a);
+        }
         if let Some(r) = region.filter(|r| *r != self.cfg.region) {
             return Err(ServiceError::RegionNotFound(r.to_string()));
         }
@@ -287,9 +327,16 @@ impl AllocationService {
     }
 
     /// The host's join code and whether it was created by this call.
-    pub fn join_code(&self, allocation_id: &str, tenant: &Tenant) -> Result<(String, bool), ServiceError> {
+    pub async fn join_code(
+        &self,
+        allocation_id: &str,
+        tenant: &Tenant,
+    ) -> Result<(String, bool), ServiceError> {
         let id = AllocationId::parse(allocation_id)
             .ok_or_else(|| ServiceError::Invalid(format!("allocationId `{allocation_id}` is not a UUID")))?;
+        if let Some(f) = &self.fleet {
+            return f.join_code(&id, tenant).await;
+        }
         let len = self.cfg.join_code_length;
         let mut codes = self.codes();
         // Another tenant's allocation does not exist for this caller.
@@ -319,6 +366,10 @@ impl AllocationService {
         if self.is_draining() {
             return Err(ServiceError::Draining);
         }
+        if let Some(f) = &self.fleet {
+            let code = joincode::normalize(code).ok_or(ServiceError::JoinCodeNotFound)?;
+            return f.join(&code, tenant).await;
+        }
         let (host, host_connection_data) =
             self.resolve(code, tenant).ok_or(ServiceError::JoinCodeNotFound)?;
         let created = self.relay.create_joiner(host).await.map_err(|e| match ServiceError::from(e) {
@@ -342,6 +393,11 @@ impl AllocationService {
                 .ok_or_else(|| ServiceError::Invalid(format!("{field} `{v}` is not a UUID")))
         };
         let host = parse("allocationId", host)?;
+        if self.fleet.is_some() {
+            return Err(ServiceError::NotSupported(
+                "removejoiners is not offered by fleet API instances yet: joiners that never connect expire after the relay's unbound_timeout",
+            ));
+        }
         if self.codes().tenant_of(&host).is_some_and(|t| t != tenant) {
             return Err(ServiceError::AllocationNotFound);
         }

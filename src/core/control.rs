@@ -129,8 +129,20 @@ impl std::error::Error for ControlError {}
 /// Lifecycle events for the control plane (join-code invalidation, logs). Never per packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
-    Bound { id: AllocationId, addr: SocketAddr, moved: bool },
-    Connected { host: AllocationId, joiner: AllocationId },
+    Bound {
+        id: AllocationId,
+        addr: SocketAddr,
+        moved: bool,
+    },
+    Connected {
+        host: AllocationId,
+        joiner: AllocationId,
+    },
     /// `bytes`: what the allocation's client sent through the relay.
-    Released { id: AllocationId, is_host: bool, reason: ReleaseReason, bytes: u64 },
+    Released {
+        id: AllocationId,
+        is_host: bool,
+        reason: ReleaseReason,
+        bytes: u64,
+    },
 }

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 
 use super::table::{Found, Role, CONFIRMED};
-use super::{Action, Core, DropReason, Event, ReleaseReason};
 use super::BindReject;
+use super::{Action, Core, DropReason, Event, ReleaseReason};
 use crate::auth::token::{self, Token, TokenRole};
 use crate::auth::{self, ConnDataError, ConnectionData, PreKeyedHmac};
 use crate::clock::Millis;
@@ -445,7 +445,12 @@ impl Core {
                 if max_connections == 0 || max_connections > self.cfg.max_connections_cap {
                     return Err(Action::Drop(DropReason::BadConnData));
                 }
-                let role = Role::Host { max_peers: max_connections, linked: 0, joiners: 0, first_joiner: super::NIL };
+                let role = Role::Host {
+                    max_peers: max_connections,
+                    linked: 0,
+                    joiners: 0,
+                    first_joiner: super::NIL,
+                };
                 self.admit_slot(now, t.id, role, key)
             }
             TokenRole::Joiner { host } => match self.joiner_role(now, &host) {

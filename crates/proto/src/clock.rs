@@ -29,6 +29,15 @@ impl Clock {
         self.start.elapsed().as_nanos() as u64
     }
 
+    /// Wall-clock milliseconds since the Unix epoch (fleet token deadlines, which cross machines).
+    #[allow(clippy::disallowed_methods)]
+    pub fn unix_millis() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
     /// Wall-clock seconds since the Unix epoch (for logs and request IDs only).
     #[allow(clippy::disallowed_methods)]
     pub fn unix_secs() -> u64 {

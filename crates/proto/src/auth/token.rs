@@ -55,7 +55,8 @@ pub fn relay_tag(name: &str) -> u32 {
 
 /// The key a relay named `name` uses during boot `epoch`, under one fleet key.
 pub fn relay_key(fleet_key: &[u8], name: &str, epoch: u32) -> [u8; 64] {
-    let mut m = <hmac::Hmac<sha2::Sha512> as Mac>::new_from_slice(fleet_key).expect("HMAC takes any key length");
+    let mut m =
+        <hmac::Hmac<sha2::Sha512> as Mac>::new_from_slice(fleet_key).expect("HMAC takes any key length");
     m.update(b"ferry relay key");
     m.update(&[name.len().min(255) as u8]);
     m.update(&name.as_bytes()[..name.len().min(255)]);
@@ -145,9 +146,7 @@ impl Token {
             u32::from_be_bytes([data[r.start], data[r.start + 1], data[r.start + 2], data[r.start + 3]])
         };
         let role = match data[ROLE] {
-            1 if data[HOST].iter().all(|&b| b == 0) => {
-                TokenRole::Host { max_connections: u16_at(MAX) }
-            }
+            1 if data[HOST].iter().all(|&b| b == 0) => TokenRole::Host { max_connections: u16_at(MAX) },
             2 if u16_at(MAX) == 0 => TokenRole::Joiner { host: AllocationId::read(data, HOST.start) },
             _ => return Err(TokenError::Malformed),
         };
