@@ -267,11 +267,33 @@ async fn join(
         Err(r) => return r,
     };
     let now = st.clock.now();
-    if let Some(secs) = st.limiters().join_blocked(&caller, now) {
+    let limits = st.limits();
+    let fleet = st.service.fleet_api();
+    let shared = match fleet {
+        Some(f) => crate::fleet::limits::join_blocked(f, &caller, &limits).await.ok(),
+        None => None,
+    };
+    let blocked = match shared {
+        Some(b) => b,
+        None => st.limiters().join_blocked(&caller, now),
+    };
+    if let Some(secs) = blocked {
         return too_many("too many failed joins; wait before trying again", secs);
     }
+    let failed = |st: &ApiState| {
+        let (st, caller, limits) = (st.clone(), caller.clone(), limits.clone());
+        async move {
+            let shared = match st.service.fleet_api() {
+                Some(f) => crate::fleet::limits::join_failed(f, &caller, &limits).await.is_ok(),
+                None => false,
+            };
+            if !shared {
+                st.limiters().join_failed(&caller, st.clock.now());
+            }
+        }
+    };
     if super::joincode::normalize(&req.join_code).is_none() {
-        st.limiters().join_failed(&caller, now);
+        failed(&st).await;
         return invalid(format!(
             "joinCode must be 6 to 12 characters of {}",
             std::str::from_utf8(super::joincode::ALPHABET).unwrap_or_default()
@@ -281,7 +303,7 @@ async fn join(
         Ok(a) => ok(StatusCode::OK, JoinData { allocation: a }),
         Err(e) => {
             if e == ServiceError::JoinCodeNotFound {
-                st.limiters().join_failed(&caller, now);
+                failed(&st).await;
             }
             service_problem(e)
         }

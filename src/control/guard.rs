@@ -229,7 +229,13 @@ pub async fn guard(
             (None, None) => return fail("bearer token not accepted"),
         }
     }
-    let limited = {
+    let shared = match st.service.fleet_api() {
+        Some(f) => crate::fleet::limits::request(f, &caller, &limits).await.ok(),
+        None => None,
+    };
+    let limited = if let Some(shared) = shared {
+        shared
+    } else {
         let mut l = st.limiters();
         let own = match &caller.subject {
             Some(s) => (!l.per_token.take(s, now)).then(|| l.per_token.retry_after_secs(s, now)),

@@ -24,6 +24,9 @@ use super::store::{Store, StoreError};
 
 pub const PREFIX: &str = "ferry:v1:";
 
+/// An event stream entry: its stream ID and its fields.
+pub type StreamEntry = (String, Vec<(String, String)>);
+
 /// A lifecycle event for the `events` stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -274,15 +277,14 @@ impl Directory {
         after: &str,
         count: usize,
         block_ms: u64,
-    ) -> Result<Vec<(String, Vec<(String, String)>)>, StoreError> {
+    ) -> Result<Vec<StreamEntry>, StoreError> {
         let mut c = redis::cmd("XREAD");
         c.arg("COUNT").arg(count);
         if block_ms > 0 {
             c.arg("BLOCK").arg(block_ms);
         }
         c.arg("STREAMS").arg(k(&["events"])).arg(after);
-        let v: Option<Vec<(String, Vec<(String, Vec<(String, String)>)>)>> =
-            self.store.query("events", c).await?;
+        let v: Option<Vec<(String, Vec<StreamEntry>)>> = self.store.query("events", c).await?;
         Ok(v.into_iter().flatten().flat_map(|(_, entries)| entries).collect())
     }
 }

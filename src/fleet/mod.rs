@@ -16,6 +16,7 @@ pub mod agent;
 pub mod api;
 pub mod directory;
 pub mod keys;
+pub mod limits;
 pub mod placement;
 pub mod records;
 pub mod status;

@@ -223,7 +223,7 @@ mod tests {
         assert!(Store::open("rediss://h:6380/0", Duration::from_secs(1)).is_ok());
         assert!(Store::open("redis+sentinel://a:26379,b:26379/mymaster", Duration::from_secs(1)).is_ok());
         assert!(Store::open("redis+sentinel://a:26379", Duration::from_secs(1)).is_err());
-        assert!(Store::open("http://x", Duration::from_secs(1)).unwrap_err().contains("redis://"));
+        assert!(Store::open("http://x", Duration::from_secs(1)).err().unwrap().contains("redis://"));
         assert_eq!(redact("redis://u:pw@h:1/0"), "redis://***@h:1/0");
     }
 }
