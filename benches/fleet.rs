@@ -49,7 +49,9 @@ fn ferry(args: &[&str]) -> (Kill, String) {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
     let f = lines
         .find_map(|l| {
-            serde_json::from_str::<serde_json::Value>(&l).ok().filter(|v| v["fields"]["message"] == "ferry serving")
+            serde_json::from_str::<serde_json::Value>(&l)
+                .ok()
+                .filter(|v| v["fields"]["message"] == "ferry serving")
         })
         .expect("ferry serving");
     std::thread::spawn(move || for _ in lines {});
@@ -70,7 +72,8 @@ fn redis_cmd(port: u16, cmd: &str) -> String {
         if out.ends_with(b"\r\n") && (out[0] != b'$' || out.len() > 8) {
             // A bulk reply is complete once its announced length has arrived.
             if let Some(p) = out.iter().position(|&b| b == b'\r') {
-                let want: usize = std::str::from_utf8(&out[1..p]).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                let want: usize =
+                    std::str::from_utf8(&out[1..p]).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
                 if out[0] != b'$' || out.len() >= p + 2 + want + 2 {
                     break;
                 }
@@ -104,7 +107,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// `threads` clients doing `op` for `secs` seconds, API instances taken in turn; returns
 /// operations per second and every latency in nanoseconds.
-fn drive(apis: &[String], threads: usize, secs: f64, op: &(dyn Fn(&ApiClient, usize) + Sync)) -> (f64, Vec<u64>) {
+fn drive(
+    apis: &[String],
+    threads: usize,
+    secs: f64,
+    op: &(dyn Fn(&ApiClient, usize) + Sync),
+) -> (f64, Vec<u64>) {
     let clock = Clock::new();
     let end = (secs * 1e9) as u64;
     let lat: Vec<Vec<u64>> = std::thread::scope(|s| {
@@ -216,8 +224,21 @@ fn main() {
     let k = keys.to_str().unwrap();
     let fleet_args = ["--store", &store, "--fleet-key-file", k, "--region", "eu", "--relay-warmup", "0s"];
     let (_relay, _) = ferry(
-        &[&["relay", "--relay-name", "r0", "--relay-listen", "127.0.0.2:0", "--api-listen", "127.0.0.1:0", "--shards", "1"][..], &fleet_args[..]]
-            .concat(),
+        &[
+            &[
+                "relay",
+                "--relay-name",
+                "r0",
+                "--relay-listen",
+                "127.0.0.2:0",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--shards",
+                "1",
+            ][..],
+            &fleet_args[..],
+        ]
+        .concat(),
     );
     let (_a1, api1) = ferry(&[&["api", "--api-listen", "127.0.0.1:0"][..], &fleet_args[..]].concat());
     let (_a2, api2) = ferry(&[&["api", "--api-listen", "127.0.0.1:0"][..], &fleet_args[..]].concat());
@@ -242,7 +263,8 @@ fn main() {
     let per_session = ((redis_calls(port) - r0) as f64 - 1.0 - bg * spent) / sessions as f64;
 
     let fleet = measure(&fleet_apis, rounds, secs, threads);
-    let (_serve, single) = ferry(&["serve", "--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0", "--shards", "1"]);
+    let (_serve, single) =
+        ferry(&["serve", "--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0", "--shards", "1"]);
     let local = measure(&[single], rounds, secs, threads);
     std::fs::remove_dir_all(&dir).ok();
 
@@ -253,7 +275,11 @@ fn main() {
     row("allocate, single box (in-process)", local.alloc);
     row("join, fleet (2 APIs + Redis)", fleet.join);
     row("join, single box (in-process)", local.join);
-    println!("fleet/single-box ratio: allocate {:.2}, join {:.2}", fleet.alloc.0 / local.alloc.0, fleet.join.0 / local.join.0);
+    println!(
+        "fleet/single-box ratio: allocate {:.2}, join {:.2}",
+        fleet.alloc.0 / local.alloc.0,
+        fleet.join.0 / local.join.0
+    );
     println!(
         "Redis commands per whole session (allocate, join code, join, 2 BINDs, 2 CLOSEs): {per_session:.1} \
          (background {bg:.1} commands/s: heartbeats and relay-list refreshes)"

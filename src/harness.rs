@@ -437,3 +437,104 @@ pub fn ws_frames(data: &[u8]) {
         }
     }
 }
+
+/// A fleet relay's core fed tokens: valid ones minted under the test fleet key (hosts and
+/// joiners, for this relay and boot or not, expired or not), then mutated, bound, connected,
+/// relayed and closed in fuzz-chosen orders. Replies never exceed their trigger, BINDs are never
+/// forwarded, and nothing panics.
+pub fn fleet_sequence(data: &[u8]) {
+    use crate::auth::token::{relay_key, Token, TokenRole};
+    use crate::core::FleetRelay;
+    const FLEET_KEY: [u8; 32] = [5; 32];
+    let mut cfg = CoreConfig::new(SECRET);
+    cfg.max_allocations = 16;
+    cfg.max_connections_cap = 3;
+    cfg.unbound_timeout = 3_000;
+    cfg.idle_timeout = 1_000;
+    cfg.limiter_buckets = 16;
+    cfg.fleet = Some(FleetRelay::new("r", 7, &[(1, FLEET_KEY.to_vec())], 1_000_000));
+    let mut core = Core::new(cfg, 0);
+    let mut minted: Vec<(AllocationId, crate::auth::AllocationKey, [u8; 255])> = Vec::new();
+    let mut now = 0u64;
+    let mut b = Bytes(data);
+    while let (Some(op), Some(arg)) = (b.u8(), b.u8()) {
+        let from = src(b.u8().unwrap_or(0));
+        let mut datagram = None;
+        match op % 8 {
+            0 | 1 => {
+                let mut id = [0u8; 16];
+                id[0] = arg;
+                id[1] = minted.len() as u8;
+                id[15] = if op & 0x80 == 0 { 1 } else { 2 };
+                let role = match (op % 8, minted.get(arg as usize % minted.len().max(1))) {
+                    (1, Some(h)) => {
+                        id[..4].copy_from_slice(&h.0 .0[..4]);
+                        TokenRole::Joiner { host: h.0 }
+                    }
+                    _ => TokenRole::Host { max_connections: (arg % 4) as u16 },
+                };
+                let epoch = if op & 0x40 == 0 { 7 } else { 8 };
+                let rk = relay_key(&FLEET_KEY, "r", epoch);
+                let id = AllocationId(id);
+                let t = Token {
+                    id,
+                    role,
+                    relay: crate::auth::token::relay_tag(if op & 0x20 == 0 { "r" } else { "s" }),
+                    epoch,
+                    not_after_ms: 1_000_000 + now + if op & 0x10 == 0 { 3_000 } else { 0 },
+                };
+                let key = crate::auth::AllocationKey(crate::core::allocation_key(&rk, &id));
+                minted.push((id, key, t.emit(&rk)));
+            }
+            2 => {
+                if let Some((_, key, conn)) = minted.get(arg as usize % minted.len().max(1)) {
+                    let mut conn = *conn;
+                    if let (Some(at), Some(x)) = (b.u8(), b.u8()) {
+                        if at & 1 == 1 {
+                            conn[at as usize % 255] ^= x;
+                        }
+                    }
+                    datagram = Some(packets::bind(key, b.u16().unwrap_or(0), &conn));
+                }
+            }
+            3 => {
+                if let (Some(a), Some(t)) = (
+                    minted.get(arg as usize % minted.len().max(1)),
+                    minted.get((arg / 7) as usize % minted.len().max(1)),
+                ) {
+                    datagram = Some(packets::connect_request(&a.0, &t.2));
+                }
+            }
+            4 => {
+                if let (Some(a), Some(t)) = (
+                    minted.get(arg as usize % minted.len().max(1)),
+                    minted.get((arg / 5) as usize % minted.len().max(1)),
+                ) {
+                    datagram = packets::relay(&a.0, &t.0, &[0xAB; 40]).ok();
+                }
+            }
+            5 => datagram = minted.get(arg as usize % minted.len().max(1)).map(|a| packets::close(&a.0)),
+            6 => {
+                now += arg as u64 * 37;
+                core.handle_timeout(now);
+            }
+            _ => {
+                let n = (arg as usize).min(b.0.len());
+                let (head, rest) = b.0.split_at(n);
+                datagram = Some(head.to_vec());
+                b.0 = rest;
+            }
+        }
+        if let Some(mut d) = datagram {
+            let len = d.len();
+            let is_bind = d.len() > 3 && d[..3] == [0xDA, 0x72, 0x00] && d[3] == 0;
+            match core.handle_datagram(now, from, &mut d) {
+                Action::Reply(n) => assert!(n <= len, "reply of {n} to {len} bytes"),
+                Action::Forward(_) => assert!(!is_bind, "a BIND is never forwarded"),
+                Action::Consumed | Action::Drop(_) => {}
+            }
+        }
+        while core.poll_event().is_some() {}
+        while core.poll_transmit().is_some() {}
+    }
+}

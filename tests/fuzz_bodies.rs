@@ -45,6 +45,11 @@ proptest! {
     }
 
     #[test]
+    fn fleet_sequence(data in prop::collection::vec(any::<u8>(), 0..400)) {
+        harness::fleet_sequence(&data);
+    }
+
+    #[test]
     fn ws_frames(data in prop::collection::vec(any::<u8>(), 0..600)) {
         harness::ws_frames(&data);
     }
