@@ -189,6 +189,11 @@ fn endpoints(
 
 fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
+    if old.role == crate::config::Role::Api {
+        // What an API instance turned off at start-up (it has no relay) is not a change.
+        (new.shards, new.dtls, new.ws_listen, new.wss_listen) =
+            (old.shards, old.dtls, old.ws_listen, old.wss_listen);
+    }
     macro_rules! keep {
         ($($k:ident),*) => { $(
             if format!("{:?}", old.$k) != format!("{:?}", new.$k) {
@@ -245,7 +250,14 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
         api_tls_cert,
         api_tls_key,
         tenants,
-        tenant_allocations_per_sec
+        tenant_allocations_per_sec,
+        store,
+        relay_name,
+        regions,
+        heartbeat_interval,
+        heartbeat_expiry,
+        relay_warmup,
+        store_timeout
     );
     // Random unless configured: never compared, always the running one.
     new.relay_secret = old.relay_secret;

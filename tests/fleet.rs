@@ -53,6 +53,8 @@ fn eventually(secs: f64, mut f: impl FnMut() -> bool) -> bool {
 struct Redis {
     child: Child,
     port: u16,
+    /// A Sentinel: the master name it watches.
+    master: Option<String>,
 }
 
 impl Redis {
@@ -67,13 +69,40 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (dev/install-test-deps installs it)");
-        let r = Self { child, port };
+        let r = Self { child, port, master: None };
         assert!(eventually(10.0, || r.ping()), "redis-server did not start");
         r
     }
 
+    /// A Sentinel (redis-server in sentinel mode) watching `primary` as `fleetdir`.
+    fn sentinel(primary: &Redis, dir: &std::path::Path) -> Self {
+        let port = free_port();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nsentinel monitor fleetdir 127.0.0.1 {} 1\nsentinel down-after-milliseconds fleetdir 1000\n",
+                primary.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        let r = Self { child, port, master: Some("fleetdir".into()) };
+        assert!(eventually(10.0, || r.ping()), "the Sentinel did not start");
+        r
+    }
+
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.master {
+            Some(m) => format!("redis+sentinel://127.0.0.1:{}/{m}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     fn ping(&self) -> bool {
@@ -711,4 +740,23 @@ fn rate_limits_are_shared_across_api_instances() {
     }
     assert!(ok <= 13, "{ok} of 24 quick requests served; two instances alone would serve 24");
     assert!(ok >= 1);
+}
+
+#[test]
+fn the_directory_through_a_sentinel() {
+    let _g = serial();
+    let fleet = Fleet::new("sentinel");
+    let primary = Redis::start();
+    let sentinel = Redis::sentinel(&primary, &fleet.dir);
+    let _relay = relay(&fleet, &sentinel, "r0", "127.0.0.2", &[]);
+    let (p, a) = api(&fleet, &sentinel, &[]);
+    assert!(eventually(10.0, || p.metric(r#"ferry_fleet_relays{region="eu",state="ready"}"#) == 1));
+    let host = a.allocate(2, None).unwrap();
+    let code = a.join_code(&host.allocation_id).unwrap();
+    session(&host, &a.join(&code).unwrap());
+    // The records are on the primary the Sentinel named.
+    let out =
+        Command::new(BIN).args(["fleet", "status", "--store", &primary.url(), "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["relays"][0]["name"], "r0", "{v}");
 }
