@@ -154,10 +154,11 @@ fn measure(apis: &[String], rounds: usize, secs: f64, threads: usize) -> Figures
         a_rate.push(rate);
         a50.push(pct(&mut l, 0.5));
         a99.push(pct(&mut l, 0.99));
-        // Hosts with codes to join (made outside the measured window).
+        // Hosts with codes to join (made outside the measured window); a session takes a bounded
+        // number of joiners, so the joins are spread over many.
         let c = ApiClient::new(apis[0].clone());
         let codes: Vec<String> =
-            (0..64).map(|_| c.join_code(&c.allocate(100, None).unwrap().allocation_id).unwrap()).collect();
+            (0..400).map(|_| c.join_code(&c.allocate(100, None).unwrap().allocation_id).unwrap()).collect();
         let (rate, mut l) = drive(apis, threads, secs, &|c, i| {
             c.join(&codes[i % codes.len()]).unwrap();
         });
@@ -176,6 +177,7 @@ fn session(c: &ApiClient) {
     let host = c.allocate(2, None).unwrap();
     let code = c.join_code(&host.allocation_id).unwrap();
     let join = c.join(&code).unwrap();
+    let mut bound = Vec::new();
     for a in [&host, &join.allocation] {
         let ep = &a.server_endpoints[0];
         let relay: SocketAddr = format!("{}:{}", ep.host, ep.port).parse().unwrap();
@@ -185,7 +187,10 @@ fn session(c: &ApiClient) {
         s.send_to(&packets::bind(&key, 1, &conn), relay).unwrap();
         let mut b = [0u8; 64];
         s.recv_from(&mut b).unwrap();
-        s.send_to(&packets::close(&id), relay).unwrap();
+        bound.push((s, id, relay));
+    }
+    for (s, id, relay) in bound.iter().rev() {
+        s.send_to(&packets::close(id), relay).unwrap();
     }
 }
 

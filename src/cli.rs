@@ -68,6 +68,9 @@ pub struct FleetStatusArgs {
     /// The fleet directory URL.
     #[arg(long, env = "FERRY_STORE")]
     pub store: String,
+    /// CA certificates (PEM) for a rediss:// directory.
+    #[arg(long, env = "FERRY_STORE_CA_FILE")]
+    pub store_ca_file: Option<PathBuf>,
     /// A relay whose heartbeat is older than this shows as stale [default: 3s].
     #[arg(long, env = "FERRY_HEARTBEAT_EXPIRY", value_parser = duration_arg, default_value = "3s")]
     pub heartbeat_expiry: Duration,
@@ -83,6 +86,9 @@ pub struct FleetStatusArgs {
 pub struct FleetEventsArgs {
     #[arg(long, env = "FERRY_STORE")]
     pub store: String,
+    /// CA certificates (PEM) for a rediss:// directory.
+    #[arg(long, env = "FERRY_STORE_CA_FILE")]
+    pub store_ca_file: Option<PathBuf>,
     /// Start after this stream ID (`0`: from the oldest kept).
     #[arg(long, default_value = "0")]
     pub after: String,
@@ -439,6 +445,9 @@ pub struct ServeArgs {
     /// A relay gets new hosts once it has been up this long [default: 3s].
     #[arg(long, env = "FERRY_RELAY_WARMUP", value_parser = duration_arg)]
     pub relay_warmup: Option<Duration>,
+    /// CA certificates (PEM) a rediss:// directory is verified against [default: system roots].
+    #[arg(long, env = "FERRY_STORE_CA_FILE")]
+    pub store_ca_file: Option<PathBuf>,
     /// Deadline of each fleet directory operation [default: 1s].
     #[arg(long, env = "FERRY_STORE_TIMEOUT", value_parser = duration_arg)]
     pub store_timeout: Option<Duration>,
@@ -545,6 +554,7 @@ struct FileConfig {
     api_body_timeout: Option<FileDuration>,
     ws_idle_timeout: Option<FileDuration>,
     store: Option<String>,
+    store_ca_file: Option<PathBuf>,
     fleet_key_file: Option<PathBuf>,
     relay_name: Option<String>,
     regions: Option<Vec<String>>,
@@ -699,6 +709,7 @@ impl ServeArgs {
             store_timeout
         );
         c.store = self.store.or(file.store);
+        c.store_ca_file = self.store_ca_file.or(file.store_ca_file);
         c.fleet_key_file = self.fleet_key_file.or(file.fleet_key_file);
         c.relay_name = self.relay_name.or(file.relay_name);
         if let Some(r) = self.regions.or(file.regions) {

@@ -206,6 +206,8 @@ pub struct Config {
     pub ws_idle_timeout: Duration,
     /// Fleet mode (`ferry relay`, `ferry api`): the directory's URL.
     pub store: Option<String>,
+    /// Fleet mode: CA certificates for a `rediss://` directory.
+    pub store_ca_file: Option<PathBuf>,
     /// Fleet mode: the fleet key file (`KID BASE64` per line; the first mints).
     pub fleet_key_file: Option<PathBuf>,
     /// Fleet mode: this relay's unique name [default: the advertised host:port].
@@ -316,6 +318,7 @@ impl Config {
             api_body_timeout: Duration::from_secs(10),
             ws_idle_timeout: Duration::from_secs(60),
             store: None,
+            store_ca_file: None,
             fleet_key_file: None,
             relay_name: None,
             regions: Vec::new(),
@@ -448,7 +451,10 @@ impl Config {
             self.regions = vec![self.region.clone()];
         }
         if let Some(s) = &self.store {
-            crate::fleet::store::Store::open(s, self.store_timeout).map_err(|m| err("store", m))?;
+            let st = crate::fleet::store::Store::open(s, self.store_timeout).map_err(|m| err("store", m))?;
+            if let Some(ca) = &self.store_ca_file {
+                st.with_ca_file(ca).map_err(|m| err("store_ca_file", m))?;
+            }
         }
         if self.ws_idle_timeout < Duration::from_secs(1) {
             return Err(err("ws_idle_timeout", "must be at least 1s"));

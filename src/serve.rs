@@ -257,7 +257,8 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
         heartbeat_interval,
         heartbeat_expiry,
         relay_warmup,
-        store_timeout
+        store_timeout,
+        store_ca_file
     );
     // Random unless configured: never compared, always the running one.
     new.relay_secret = old.relay_secret;
@@ -437,11 +438,16 @@ impl Running {
         };
         let mut tasks = Vec::new();
         let store = match &cfg.store {
-            Some(url) if role != crate::config::Role::Serve => {
-                Some(Arc::new(crate::fleet::store::Store::open(url, cfg.store_timeout).map_err(|m| {
-                    io::Error::new(io::ErrorKind::InvalidInput, format!("invalid configuration `store`: {m}"))
-                })?))
-            }
+            Some(url) if role != crate::config::Role::Serve => Some(Arc::new(
+                crate::fleet::store::open(url, cfg.store_timeout, cfg.store_ca_file.as_deref()).map_err(
+                    |m| {
+                        io::Error::new(io::ErrorKind::InvalidInput, {
+                            let (key, msg) = m.split_once(": ").unwrap_or(("store", m.as_str()));
+                            format!("invalid configuration `{key}`: {msg}")
+                        })
+                    },
+                )?,
+            )),
             _ => None,
         };
         let service = match (role, &store) {

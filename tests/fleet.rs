@@ -760,3 +760,55 @@ fn the_directory_through_a_sentinel() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["relays"][0]["name"], "r0", "{v}");
 }
+
+#[test]
+fn the_directory_over_tls_with_a_private_ca() {
+    let _g = serial();
+    let fleet = Fleet::new("tls");
+    support::test_pki(&fleet.dir);
+    let port = free_port();
+    let pem = |f: &str| fleet.dir.join(f).to_str().unwrap().to_string();
+    let child = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args(["--tls-cert-file", &pem("cert.pem"), "--tls-key-file", &pem("key.pem")])
+        .args(["--tls-ca-cert-file", &pem("ca.pem"), "--tls-auth-clients", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed");
+    let tls = Redis { child, port, master: None };
+    assert!(eventually(10.0, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()));
+    let url = format!("rediss://localhost:{port}");
+    let ca = pem("ca.pem");
+    let base = |role: &str| -> Vec<String> {
+        [role, "--store", &url, "--store-ca-file", &ca, "--fleet-key-file", fleet.keys.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(FAST.iter().map(|s| s.to_string()))
+            .chain(["--region", "eu", "--api-listen", "127.0.0.1:0"].iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let mut r = base("relay");
+    r.extend(
+        ["--relay-listen", "127.0.0.2:0", "--relay-name", "r0", "--shards", "1"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let _relay = Proc::spawn(r);
+    let p = Proc::spawn(base("api"));
+    let a = ApiClient::new(format!("http://{}", p.http));
+    assert!(eventually(10.0, || p.metric(r#"ferry_fleet_relays{region="eu",state="ready"}"#) == 1));
+    let host = a.allocate(2, None).unwrap();
+    let code = a.join_code(&host.allocation_id).unwrap();
+    session(&host, &a.join(&code).unwrap());
+    // Without the private CA the server's certificate is not trusted: the API says so (503).
+    let mut plain = base("api");
+    plain.retain(|x| x != "--store-ca-file" && *x != ca);
+    let q = Proc::spawn(plain);
+    let b = ApiClient::new(format!("http://{}", q.http));
+    match b.join_code(&host.allocation_id) {
+        Err(e) => assert_eq!(problem_code(&e), (503, 15503)),
+        Ok(c) => panic!("an untrusted directory answered: {c}"),
+    }
+    drop(tls);
+}

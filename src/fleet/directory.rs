@@ -249,25 +249,36 @@ impl Directory {
     ) -> Result<Option<u64>, StoreError> {
         let w = unix_ms / window_ms.max(1);
         let key = k(&["rl", scope, subject, &w.to_string()]);
+        // One round trip; no MULTI needed: the expiry is set after every increment, so a counter
+        // never outlives its window by more than one window.
         let mut p = redis::pipe();
-        p.atomic().cmd("INCR").arg(&key).cmd("PEXPIRE").arg(&key).arg(window_ms * 2).ignore();
+        p.cmd("INCR").arg(&key).cmd("PEXPIRE").arg(&key).arg(window_ms * 2).ignore();
         let (n,): (u64,) = self.store.query("rate_limit", p).await?;
         Ok((n > limit as u64).then(|| ((w + 1) * window_ms - unix_ms).div_ceil(1000).max(1)))
     }
 
-    /// Whether `subject` has spent its budget (without spending).
+    /// Whether any of these budgets (`scope`, `subject`, `limit`, `window_ms`) is spent, without
+    /// spending: the longest wait in seconds, in one round trip.
     pub async fn spent(
         &self,
-        scope: &str,
-        subject: &str,
-        limit: u32,
-        window_ms: u64,
+        budgets: &[(&str, &str, u32, u64)],
         unix_ms: u64,
     ) -> Result<Option<u64>, StoreError> {
-        let w = unix_ms / window_ms.max(1);
-        let key = k(&["rl", scope, subject, &w.to_string()]);
-        let n: Option<u64> = self.store.query("rate_limit", redis::cmd("GET").arg(&key).clone()).await?;
-        Ok((n.unwrap_or(0) >= limit as u64).then(|| ((w + 1) * window_ms - unix_ms).div_ceil(1000).max(1)))
+        let mut p = redis::pipe();
+        for (scope, subject, _, window_ms) in budgets {
+            let w = unix_ms / window_ms.max(&1);
+            p.cmd("GET").arg(k(&["rl", scope, subject, &w.to_string()]));
+        }
+        let counts: Vec<Option<u64>> = self.store.query("rate_limit", p).await?;
+        let mut wait = None;
+        for ((_, _, limit, window_ms), n) in budgets.iter().zip(counts) {
+            if n.unwrap_or(0) >= *limit as u64 {
+                let w = unix_ms / window_ms.max(&1);
+                let secs = ((w + 1) * window_ms - unix_ms).div_ceil(1000).max(1);
+                wait = Some(wait.map_or(secs, |x: u64| x.max(secs)));
+            }
+        }
+        Ok(wait)
     }
 
     /// Lifecycle events after stream ID `after` (`0` from the start), at most `count`, waiting

@@ -37,14 +37,12 @@ pub async fn join_blocked(f: &FleetApi, c: &Caller, l: &ApiLimits) -> Result<Opt
         true => l.join_failures_per_token_per_min,
         false => l.join_failures_per_ip_per_min,
     };
-    let d = f.directory();
-    if let Some(s) = d.spent("joinfail", &who(c), own, 60_000, now()).await? {
-        return Ok(Some(s));
+    let me = who(c);
+    let mut budgets = vec![("joinfail", me.as_str(), own, 60_000)];
+    if !(c.token.is_some() && c.subject.is_none()) {
+        budgets.push(("joinfail", "all", l.join_failures_global_per_sec, 1000));
     }
-    if c.token.is_some() && c.subject.is_none() {
-        return Ok(None);
-    }
-    d.spent("joinfail", "all", l.join_failures_global_per_sec, 1000, now()).await
+    f.directory().spent(&budgets, now()).await
 }
 
 /// Spends a failed join from the caller's (and, for anonymous and player callers, the fleet's)

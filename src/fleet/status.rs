@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use super::directory::Directory;
 use super::placement::{state, RelayState};
-use super::store::Store;
 use crate::cli::{FleetCommand, FleetEventsArgs, FleetStatusArgs};
 
 pub fn run(cmd: FleetCommand) -> Result<(), String> {
@@ -46,7 +45,7 @@ struct RegionRow {
 }
 
 async fn status(a: FleetStatusArgs) -> Result<(), String> {
-    let store = Store::open(&a.store, Duration::from_secs(2)).map_err(|m| format!("--store: {m}"))?;
+    let store = super::store::open(&a.store, Duration::from_secs(2), a.store_ca_file.as_deref())?;
     let dir = Directory::new(std::sync::Arc::new(store));
     let relays = dir.relays().await.map_err(|e| e.to_string())?;
     let (expiry, warmup) = (a.heartbeat_expiry.as_millis() as u64, a.relay_warmup.as_millis() as u64);
@@ -132,7 +131,7 @@ fn human(ms: u64) -> String {
 }
 
 async fn events(a: FleetEventsArgs) -> Result<(), String> {
-    let store = Store::open(&a.store, Duration::from_secs(10)).map_err(|m| format!("--store: {m}"))?;
+    let store = super::store::open(&a.store, Duration::from_secs(10), a.store_ca_file.as_deref())?;
     let dir = Directory::new(std::sync::Arc::new(store));
     let mut after = a.after.clone();
     let mut printed = 0usize;

@@ -75,6 +75,22 @@ impl Store {
         })
     }
 
+    /// Verifies a `rediss://` server against the CA certificates in this PEM file instead of the
+    /// system's roots (a private CA).
+    pub fn with_ca_file(mut self, path: &std::path::Path) -> Result<Self, String> {
+        let Target::Direct(c) = &self.target else {
+            return Err("a CA file applies to a rediss:// URL".into());
+        };
+        let info = c.get_connection_info().clone();
+        if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            return Err("a CA file applies to a rediss:// URL".into());
+        }
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+        self.target = Target::Direct(redis::Client::build_with_tls(info, certs).map_err(|e| e.to_string())?);
+        Ok(self)
+    }
+
     /// The URL with any password hidden (for logs).
     pub fn url(&self) -> &str {
         &self.url
@@ -182,6 +198,15 @@ impl Query for redis::Cmd {
 impl Query for redis::Pipeline {
     async fn run<T: redis::FromRedisValue>(self, c: &mut MultiplexedConnection) -> redis::RedisResult<T> {
         self.query_async(c).await
+    }
+}
+
+/// Opens `url`, with `ca` (PEM) as the roots for a `rediss://` server when given.
+pub fn open(url: &str, timeout: Duration, ca: Option<&std::path::Path>) -> Result<Store, String> {
+    let s = Store::open(url, timeout).map_err(|m| format!("store: {m}"))?;
+    match ca {
+        Some(ca) => s.with_ca_file(ca).map_err(|m| format!("store_ca_file: {m}")),
+        None => Ok(s),
     }
 }
 
