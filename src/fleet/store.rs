@@ -231,10 +231,10 @@ pub fn render(o: &mut String, stats: &BTreeMap<&'static str, OpStats>) {
     for (op, s) in stats {
         let _ = writeln!(o, "ferry_store_errors_total{{op=\"{op}\"}} {}", s.errors);
     }
-    let _ = writeln!(o, "# HELP ferry_store_op_seconds_sum Time spent in fleet directory operations.");
-    let _ = writeln!(o, "# TYPE ferry_store_op_seconds_sum counter");
+    let _ = writeln!(o, "# HELP ferry_store_op_seconds_total Time spent in fleet directory operations.");
+    let _ = writeln!(o, "# TYPE ferry_store_op_seconds_total counter");
     for (op, s) in stats {
-        let _ = writeln!(o, "ferry_store_op_seconds_sum{{op=\"{op}\"}} {:.6}", s.seconds);
+        let _ = writeln!(o, "ferry_store_op_seconds_total{{op=\"{op}\"}} {:.6}", s.seconds);
     }
 }
 
