@@ -338,16 +338,6 @@ fn both_ways(h: &Raw, j: &Raw) {
     assert!(j.recv().ends_with(b"pong from host"));
 }
 
-/// The 25-byte request Unity's QoS runner sends.
-fn qos_request(seq: u8, id: u16, ts: u64) -> Vec<u8> {
-    let mut v = vec![0x59, 0x00, 12];
-    v.extend_from_slice(b"QoS request");
-    v.push(seq);
-    v.extend_from_slice(&id.to_le_bytes());
-    v.extend_from_slice(&ts.to_le_bytes());
-    v
-}
-
 #[test]
 fn unity_flow_across_two_api_instances_and_a_chosen_relay() {
     let _g = serial();
@@ -364,7 +354,7 @@ fn unity_flow_across_two_api_instances_and_a_chosen_relay() {
     // The chosen relay answers Unity's QoS ping on its relay port: 13 bytes, echoing.
     let q = UdpSocket::bind("127.0.0.1:0").unwrap();
     q.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let req = qos_request(3, 0xBEEF, 0x0102_0304_0506_0708);
+    let req = packets::qos_request(3, 0xBEEF, 0x0102_0304_0506_0708);
     q.send_to(&req, relay_of(&host)).unwrap();
     let mut buf = [0u8; 64];
     let (n, _) = q.recv_from(&mut buf).unwrap();

@@ -8,15 +8,8 @@ use std::time::Duration;
 
 use support::Server;
 
-/// The request Unity's QoS runner sends (`QosJob`): title "QoS request", 25 bytes.
-fn unity_request(seq: u8, id: u16, ts: u64) -> Vec<u8> {
-    let mut v = vec![0x59, 0x00, 12];
-    v.extend_from_slice(b"QoS request");
-    v.push(seq);
-    v.extend_from_slice(&id.to_le_bytes());
-    v.extend_from_slice(&ts.to_le_bytes());
-    v
-}
+// The request Unity's QoS runner sends (`QosJob`): title "QoS request", 25 bytes.
+use ferry::client::packets::qos_request as unity_request;
 
 fn answer(sock: &UdpSocket, d: &[u8], relay: std::net::SocketAddr) -> Option<Vec<u8>> {
     sock.send_to(d, relay).unwrap();

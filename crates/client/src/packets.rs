@@ -43,6 +43,9 @@ pub fn relay(from: &AllocationId, to: &AllocationId, payload: &[u8]) -> Result<V
 }
 
 /// A PING (UTP always sends sequence 1).
+/// A Unity QoS ping (25 bytes) for measuring a region's relays; see `wire::qos`.
+pub use crate::wire::qos::unity_request as qos_request;
+
 pub fn ping(sender: &AllocationId, sequence: u16) -> Vec<u8> {
     let mut out = [0u8; 22];
     Ping::emit(&mut out, sender, sequence);

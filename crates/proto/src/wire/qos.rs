@@ -69,19 +69,20 @@ impl QosRequest {
     }
 }
 
+/// The request Unity's QoS runner sends (`QosJob`): title "QoS request", 25 bytes; `ts` is
+/// echoed back unchanged (Unity sends milliseconds since 0001-01-01).
+pub fn unity_request(seq: u8, id: u16, ts: u64) -> Vec<u8> {
+    let mut v = vec![0x59, 0x00, 12];
+    v.extend_from_slice(b"QoS request");
+    v.push(seq);
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&ts.to_le_bytes());
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The request Unity's QoS runner sends: title "QoS request", 25 bytes.
-    fn unity_request(seq: u8, id: u16, ts: u64) -> Vec<u8> {
-        let mut v = vec![0x59, 0x00, 12];
-        v.extend_from_slice(b"QoS request");
-        v.push(seq);
-        v.extend_from_slice(&id.to_le_bytes());
-        v.extend_from_slice(&ts.to_le_bytes());
-        v
-    }
 
     #[test]
     fn echoes_sequence_identifier_and_timestamp() {
