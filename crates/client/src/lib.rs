@@ -29,6 +29,7 @@ pub mod conn;
 pub mod demo;
 pub mod http;
 pub mod packets;
+pub mod path;
 pub mod transport;
 pub mod tunnel;
 
