@@ -312,6 +312,11 @@ pub struct PeerPath {
     /// Probes in flight: (seq, sent at).
     inflight: Vec<(u32, Millis)>,
     direct: Option<SocketAddr>,
+    /// Addresses the peer has proven to speak from (an authenticated probe or answer came from
+    /// them): direct data is accepted from these only.
+    verified: Vec<SocketAddr>,
+    /// The last unproven address probed because data came from it, and when.
+    challenged: Option<(SocketAddr, Millis)>,
     last_ack: Millis,
     fell_back: bool,
     failure: Option<String>,
@@ -335,6 +340,8 @@ impl PeerPath {
             seq: 0,
             inflight: Vec::new(),
             direct: None,
+            verified: Vec::new(),
+            challenged: None,
             last_ack: now,
             fell_back: false,
             failure: None,
@@ -376,7 +383,14 @@ impl PeerPath {
             return;
         }
         self.peer_key = Some(c.key);
+        // Addresses the peer already probed us from (peer-reflexive) stay, after its list.
+        let learned: Vec<SocketAddr> = std::mem::take(&mut self.peer_addrs);
         self.peer_addrs = c.addrs.iter().copied().take(MAX_CANDIDATES).collect();
+        for a in learned {
+            if !self.peer_addrs.contains(&a) && self.peer_addrs.len() < MAX_CANDIDATES {
+                self.peer_addrs.push(a);
+            }
+        }
         if self.policy == Policy::Relay || c.policy == Policy::Relay {
             self.set_route_reason("relay policy");
             return;
@@ -434,9 +448,33 @@ impl PeerPath {
         self.stats.rtt_relay_ms = Some(ewma(self.stats.rtt_relay_ms, rtt as f64));
     }
 
-    /// Whether a direct datagram from `from` may be accepted as the peer's data.
+    /// Whether a direct datagram from `from` may be accepted as the peer's data: only from an
+    /// address an authenticated probe or answer came from.
     pub fn accepts(&self, from: SocketAddr) -> bool {
-        self.direct == Some(from)
+        self.direct == Some(from) || self.verified.contains(&from)
+    }
+
+    /// Direct data came from `from`, an address the peer has not proven yet (its NAT may have
+    /// given it a new mapping): probe it, at most once per `interval`, so the next datagrams from
+    /// there are accepted once the peer answers.
+    pub fn on_unverified(&mut self, now: Millis, from: SocketAddr) {
+        if self.peer_key.is_none() || self.policy == Policy::Relay || self.phase == Phase::Failed {
+            return;
+        }
+        if self.challenged.is_some_and(|(a, t)| a == from && now < t + self.cfg.interval) {
+            return;
+        }
+        self.challenged = Some((from, now));
+        self.probe_all(now, &[from]);
+    }
+
+    fn verify(&mut self, from: SocketAddr) {
+        if !self.verified.contains(&from) {
+            if self.verified.len() >= MAX_CANDIDATES {
+                self.verified.remove(0);
+            }
+            self.verified.push(from);
+        }
     }
 
     /// The next time [`handle_timeout`](Self::handle_timeout) has work.
@@ -572,14 +610,15 @@ impl PeerPath {
                 let tg = tag(&self.my_key, &ack);
                 ack.extend_from_slice(&tg);
                 self.out.push_back(Transmit { to: from, data: ack });
-                // The peer reaches us from `from`; probe it too (peer-reflexive), so a path that
-                // works one way is tried the other way at once.
-                if self.direct.is_none()
-                    && !self.peer_addrs.contains(&from)
-                    && self.peer_addrs.len() < MAX_CANDIDATES
-                {
+                self.verify(from);
+                // The peer reaches us from `from`; probe it too (peer-reflexive, or its mapping
+                // moved), so a path that works one way is tried the other way at once.
+                if self.direct != Some(from) && !self.peer_addrs.contains(&from) {
+                    if self.peer_addrs.len() >= MAX_CANDIDATES {
+                        self.peer_addrs.remove(0);
+                    }
                     self.peer_addrs.push(from);
-                    if self.phase == Phase::Upgrading || matches!(self.phase, Phase::Punching { .. }) {
+                    if self.phase != Phase::Idle {
                         self.probe_all(now, &[from]);
                     }
                 }
@@ -590,6 +629,7 @@ impl PeerPath {
                 if !tag_ok(&pk, body, t) || get_addr(&body[9..]).map(|(_, n)| 9 + n) != Some(body.len()) {
                     return false;
                 }
+                self.verify(from);
                 let Some(pos) = self.inflight.iter().position(|(s, _)| *s == seq) else { return true };
                 let (_, sent) = self.inflight[pos];
                 self.stats.rtt_direct_ms =

@@ -170,6 +170,59 @@ impl BindingRequest {
     }
 }
 
+/// A Binding request with this transaction ID and no attributes (the client side: what a tunnel
+/// or the SDK sends to the relay port to learn its reflexive address).
+pub fn binding_request(transaction_id: [u8; 12]) -> [u8; HEADER_LEN] {
+    let mut out = [0u8; HEADER_LEN];
+    out[0..2].copy_from_slice(&BINDING_REQUEST.to_be_bytes());
+    out[4..8].copy_from_slice(&MAGIC_COOKIE);
+    out[8..20].copy_from_slice(&transaction_id);
+    out
+}
+
+/// The XOR-MAPPED-ADDRESS of a Binding success response to `transaction_id`, if `b` is one.
+pub fn mapped_address(b: &[u8], transaction_id: &[u8; 12]) -> Option<SocketAddr> {
+    if b.len() < HEADER_LEN || b[0..2] != BINDING_SUCCESS.to_be_bytes() || b[4..8] != MAGIC_COOKIE {
+        return None;
+    }
+    if &b[8..20] != transaction_id {
+        return None;
+    }
+    let len = u16::from_be_bytes([b[2], b[3]]) as usize;
+    let attrs = b.get(HEADER_LEN..HEADER_LEN + len)?;
+    let mut at = 0;
+    while at + 4 <= attrs.len() {
+        let ty = u16::from_be_bytes([attrs[at], attrs[at + 1]]);
+        let n = u16::from_be_bytes([attrs[at + 2], attrs[at + 3]]) as usize;
+        let v = attrs.get(at + 4..at + 4 + n)?;
+        if ty == XOR_MAPPED_ADDRESS && v.len() >= 8 {
+            let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
+            return match (v[1], v.len()) {
+                (1, 8) => {
+                    let mut ip = [0u8; 4];
+                    for k in 0..4 {
+                        ip[k] = v[4 + k] ^ MAGIC_COOKIE[k];
+                    }
+                    Some(SocketAddr::from((ip, port)))
+                }
+                (2, 20) => {
+                    let mut key = [0u8; 16];
+                    key[..4].copy_from_slice(&MAGIC_COOKIE);
+                    key[4..].copy_from_slice(transaction_id);
+                    let mut ip = [0u8; 16];
+                    for k in 0..16 {
+                        ip[k] = v[4 + k] ^ key[k];
+                    }
+                    Some(SocketAddr::from((ip, port)))
+                }
+                _ => None,
+            };
+        }
+        at += 4 + n.div_ceil(4) * 4;
+    }
+    None
+}
+
 const fn crc_table() -> [u32; 256] {
     let mut t = [0u32; 256];
     let mut i = 0;
@@ -204,6 +257,20 @@ mod tests {
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
         (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    #[test]
+    fn client_request_and_response_round_trip() {
+        let tx = [9u8; 12];
+        for observed in ["203.0.113.7:40112".parse().unwrap(), "[2001:db8::5]:9".parse().unwrap()] {
+            let req = binding_request(tx);
+            let r = BindingRequest::parse(&req).unwrap();
+            let mut out = [0u8; MAX_RESPONSE];
+            let n = r.emit_response(&observed, &mut out).unwrap();
+            assert_eq!(mapped_address(&out[..n], &tx), Some(observed));
+            assert_eq!(mapped_address(&out[..n], &[8; 12]), None, "another transaction");
+            assert_eq!(mapped_address(&req, &tx), None, "a request is no response");
+        }
     }
 
     #[test]
