@@ -3,7 +3,9 @@
 //! - [`ApiClient`]: allocate, join code, join, regions over the HTTP API;
 //! - [`RelayClient`]: one allocation's UDP connection — bind, connect, send, receive, keep-alive,
 //!   rebind, close;
-//! - [`packets`]: the raw datagrams, exactly as Unity Transport builds them.
+//! - [`packets`]: the raw datagrams, exactly as Unity Transport builds them;
+//! - [`peer::PeerLink`]: game datagrams to one peer, direct when the NATs allow it and through
+//!   the relay when not, under a [`path::Policy`].
 //!
 //! ```no_run
 //! use ferry_client::{ApiClient, RelayClient};
@@ -30,6 +32,7 @@ pub mod demo;
 pub mod http;
 pub mod packets;
 pub mod path;
+pub mod peer;
 pub mod transport;
 pub mod tunnel;
 
