@@ -255,8 +255,8 @@ impl ReplayWindow {
     }
 }
 
-/// What a peer link reports about itself.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// What a peer link reports about itself (serializable, for `--json` status lines).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct PathStats {
     /// `direct`, `relay`, `both` or `waiting`.
     pub route: &'static str,
