@@ -16,6 +16,8 @@ use crate::core::ReleaseReason;
 
 /// Events kept while the directory is unreachable; older ones are dropped past this.
 pub const MAX_BUFFERED: usize = 100_000;
+/// Events sent to the directory in one batch.
+pub const BATCH: usize = 128;
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -156,49 +158,55 @@ impl Agent {
         }
     }
 
-    /// Sends buffered events in order; on failure keeps them and retries after a pause.
+    /// Sends buffered events in order, up to [`BATCH`] per two round trips; on failure keeps
+    /// them and retries after a pause.
     pub async fn run_events(self: Arc<Self>) {
         let keep = self.cfg.session_ttl.as_millis() as u64;
         let relay = self.name();
         loop {
-            let next = self.pending.lock().unwrap_or_else(|e| e.into_inner()).front().cloned();
-            let Some(p) = next else {
+            let batch: Vec<Event> = {
+                let q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                q.iter()
+                    .take(BATCH)
+                    .map(|p| match p {
+                        Pending::Bound { id, role, unix_ms } => Event {
+                            kind: "bound",
+                            id: id.clone(),
+                            relay: relay.clone(),
+                            role,
+                            reason: None,
+                            bytes: None,
+                            unix_ms: *unix_ms,
+                        },
+                        Pending::Closed { id, role, reason, bytes, unix_ms } => Event {
+                            kind: "closed",
+                            id: id.clone(),
+                            relay: relay.clone(),
+                            role,
+                            reason: Some(reason),
+                            bytes: Some(*bytes),
+                            unix_ms: *unix_ms,
+                        },
+                    })
+                    .collect()
+            };
+            if batch.is_empty() {
                 tokio::select! {
                     _ = self.wake_events.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
                 continue;
-            };
-            let r = match &p {
-                Pending::Bound { id, role, unix_ms } => {
-                    let ev = Event {
-                        kind: "bound",
-                        id: id.clone(),
-                        relay: relay.clone(),
-                        role,
-                        reason: None,
-                        bytes: None,
-                        unix_ms: *unix_ms,
-                    };
-                    self.dir.bound(id, keep, &ev).await
-                }
-                Pending::Closed { id, role, reason, bytes, unix_ms } => {
-                    let ev = Event {
-                        kind: "closed",
-                        id: id.clone(),
-                        relay: relay.clone(),
-                        role,
-                        reason: Some(reason),
-                        bytes: Some(*bytes),
-                        unix_ms: *unix_ms,
-                    };
-                    self.dir.closed(id, &ev).await
-                }
-            };
-            match r {
+            }
+            let dropped_before = self.stats.events_dropped.load(Ordering::Relaxed);
+            match self.dir.lifecycle(&batch, keep).await {
                 Ok(()) => {
-                    self.pending.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                    self.stats.events_sent.fetch_add(1, Ordering::Relaxed);
+                    let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    // Only what was sent: events that overflowed meanwhile already left the front.
+                    let gone = self.stats.events_dropped.load(Ordering::Relaxed) - dropped_before;
+                    for _ in 0..batch.len().saturating_sub(gone as usize).min(q.len()) {
+                        q.pop_front();
+                    }
+                    self.stats.events_sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 }
                 Err(_) => {
                     tokio::select! {

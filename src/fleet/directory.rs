@@ -206,35 +206,44 @@ impl Directory {
         self.store.query::<()>("forget", p).await
     }
 
-    /// A relay saw its first BIND: the allocation (and its code) now live as long as a session may.
-    pub async fn bound(&self, id: &str, keep_ms: u64, ev: &Event) -> Result<(), StoreError> {
-        let (ak, jk) = (k(&["alloc", &tag(id)]), k(&["alloc", &tag(id), "jc"]));
+    /// Applies a batch of a relay's lifecycle events in two round trips, in order: `bound`
+    /// extends the allocation's records (and its join code) to `keep_ms`, as long as a session
+    /// may live; `closed` deletes them and the join code (a join code dies with its host). Each
+    /// event is added to the stream. Applying a batch again after a failure is harmless (events
+    /// are delivered at least once).
+    pub async fn lifecycle(&self, events: &[Event], keep_ms: u64) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
         let mut p = redis::pipe();
-        p.cmd("PEXPIRE").arg(&ak).arg(keep_ms).ignore();
-        p.cmd("PEXPIRE").arg(&jk).arg(keep_ms).ignore();
-        p.cmd("GET").arg(&jk);
-        self.xadd(&mut p, ev);
-        let (code,): (Option<String>,) = self.store.query("bound", p).await?;
-        if let Some(code) = code {
-            self.store
-                .query::<()>("bound", redis::cmd("PEXPIRE").arg(k(&["jc", &code])).arg(keep_ms).clone())
-                .await?;
+        for e in events {
+            let (ak, jk) = (k(&["alloc", &tag(&e.id)]), k(&["alloc", &tag(&e.id), "jc"]));
+            // One value per event: its host's join code, read before anything changes.
+            p.cmd("GET").arg(&jk);
+            if e.kind == "bound" {
+                p.cmd("PEXPIRE").arg(&ak).arg(keep_ms).ignore();
+                p.cmd("PEXPIRE").arg(&jk).arg(keep_ms).ignore();
+            } else {
+                p.cmd("DEL").arg(&ak).arg(&jk).ignore();
+            }
+            self.xadd(&mut p, e);
+        }
+        let codes: Vec<Option<String>> = self.store.query("lifecycle", p).await?;
+        let mut p = redis::pipe();
+        let mut any = false;
+        for (e, code) in events.iter().zip(codes) {
+            let Some(code) = code else { continue };
+            any = true;
+            if e.kind == "bound" {
+                p.cmd("PEXPIRE").arg(k(&["jc", &code])).arg(keep_ms).ignore();
+            } else {
+                p.cmd("DEL").arg(k(&["jc", &code])).ignore();
+            }
+        }
+        if any {
+            self.store.query::<()>("lifecycle", p).await?;
         }
         Ok(())
-    }
-
-    /// An allocation ended on its relay: its records and join code go (a join code dies with
-    /// its host), and a `closed` event is added.
-    pub async fn closed(&self, id: &str, ev: &Event) -> Result<(), StoreError> {
-        let jk = k(&["alloc", &tag(id), "jc"]);
-        let code: Option<String> = self.store.query("closed", redis::cmd("GET").arg(&jk).clone()).await?;
-        let mut p = redis::pipe();
-        if let Some(code) = code {
-            p.cmd("DEL").arg(k(&["jc", &code])).ignore();
-        }
-        p.cmd("DEL").arg(k(&["alloc", &tag(id)])).arg(&jk).ignore();
-        self.xadd(&mut p, ev);
-        self.store.query::<()>("closed", p).await
     }
 
     /// Takes one from a shared budget of `limit` per `window_ms` for `subject`: `None` when it
