@@ -144,13 +144,20 @@ pub(crate) struct Table {
     cap: usize,
     /// Enciphers the slot index in IDs, so IDs do not reveal how many allocations exist.
     pub cipher: SlotCipher,
-    /// Fleet mode: IDs are minted by API instances and carry no slot index, so they are found
-    /// through this map (SipHash with a random key: attacker-chosen IDs cannot aim collisions).
-    index: Option<std::collections::HashMap<AllocationId, u32>>,
-    /// Fleet mode: IDs that ended here (true: timed out), kept until `graves_order` says they
-    /// can no longer be inside a token's bind window.
+    /// Fleet mode only (boxed, so a single relay's table stays as small as it was).
+    fleet: Option<Box<FleetIndex>>,
+}
+
+/// How a fleet relay finds and remembers API-minted IDs.
+#[derive(Debug, Default)]
+struct FleetIndex {
+    /// IDs carry no slot index, so they are found through this map (SipHash with a random key:
+    /// attacker-chosen IDs cannot aim collisions).
+    index: std::collections::HashMap<AllocationId, u32>,
+    /// IDs that ended here (true: timed out), kept until `order` says they can no longer be
+    /// inside a token's bind window.
     graves: std::collections::HashMap<AllocationId, bool>,
-    graves_order: std::collections::VecDeque<(Millis, AllocationId)>,
+    order: std::collections::VecDeque<(Millis, AllocationId)>,
 }
 
 impl Table {
@@ -163,45 +170,46 @@ impl Table {
             live: 0,
             cap,
             cipher,
-            index: None,
-            graves: Default::default(),
-            graves_order: Default::default(),
+            fleet: None,
         }
     }
 
     /// A table for fleet-minted IDs (found by map, not by an index they carry).
     pub fn new_indexed(cap: usize, cipher: SlotCipher) -> Self {
-        Self { index: Some(Default::default()), ..Self::new(cap, cipher) }
+        Self { fleet: Some(Box::default()), ..Self::new(cap, cipher) }
     }
 
     pub fn is_indexed(&self) -> bool {
-        self.index.is_some()
+        self.fleet.is_some()
     }
 
     /// Fleet mode: remembers that `id` ended here until `until`.
     pub fn bury(&mut self, id: AllocationId, timed_out: bool, until: Millis) {
-        if self.graves.insert(id, timed_out).is_none() {
-            self.graves_order.push_back((until, id));
+        let cap = self.cap;
+        let Some(f) = &mut self.fleet else { return };
+        if f.graves.insert(id, timed_out).is_none() {
+            f.order.push_back((until, id));
         }
-        while self.graves_order.len() > self.cap {
-            if let Some((_, old)) = self.graves_order.pop_front() {
-                self.graves.remove(&old);
+        while f.order.len() > cap {
+            if let Some((_, old)) = f.order.pop_front() {
+                f.graves.remove(&old);
             }
         }
     }
 
     /// Forgets graves whose time has passed.
     pub fn purge_graves(&mut self, now: Millis) {
-        while self.graves_order.front().is_some_and(|(until, _)| *until <= now) {
-            if let Some((_, id)) = self.graves_order.pop_front() {
-                self.graves.remove(&id);
+        let Some(f) = &mut self.fleet else { return };
+        while f.order.front().is_some_and(|(until, _)| *until <= now) {
+            if let Some((_, id)) = f.order.pop_front() {
+                f.graves.remove(&id);
             }
         }
     }
 
     /// Whether `id` ended here recently (fleet mode).
     pub fn buried(&self, id: &AllocationId) -> bool {
-        self.graves.contains_key(id)
+        self.fleet.as_ref().is_some_and(|f| f.graves.contains_key(id))
     }
 
     pub fn live(&self) -> usize {
@@ -210,10 +218,10 @@ impl Table {
 
     #[inline]
     pub fn find(&self, id: &AllocationId) -> Found {
-        if let Some(index) = &self.index {
-            return match index.get(id) {
+        if let Some(f) = &self.fleet {
+            return match f.index.get(id) {
                 Some(&i) => Found::Live(i),
-                None => match self.graves.get(id) {
+                None => match f.graves.get(id) {
                     Some(true) => Found::TimedOut,
                     _ => Found::Unknown,
                 },
@@ -259,11 +267,11 @@ impl Table {
             return None;
         };
         let mut id = mint(idx);
-        if id == self.slots[idx as usize].id && self.index.is_none() {
+        if id == self.slots[idx as usize].id && self.fleet.is_none() {
             id.0[9] ^= 1;
         }
-        if let Some(index) = &mut self.index {
-            index.insert(id, idx);
+        if let Some(f) = &mut self.fleet {
+            f.index.insert(id, idx);
         }
         let s = &mut self.slots[idx as usize];
         *s = Slot {
@@ -284,8 +292,8 @@ impl Table {
     }
 
     pub fn free(&mut self, i: u32, timed_out: bool) {
-        if let Some(index) = &mut self.index {
-            index.remove(&self.slots[i as usize].id);
+        if let Some(f) = &mut self.fleet {
+            f.index.remove(&self.slots[i as usize].id);
         }
         let s = &mut self.slots[i as usize];
         s.state = if timed_out { SlotState::TimedOut } else { SlotState::Vacant };
