@@ -377,6 +377,8 @@ impl Core {
 
     /// A fleet BIND refused for `why`: an ERROR `code` where the client can act on one (its
     /// allocation is gone for good), a silent drop otherwise.
+    #[cold]
+    #[inline(never)]
     fn reject(
         &mut self,
         now: Millis,
@@ -397,6 +399,10 @@ impl Core {
     /// when its token names this relay and boot, is tagged under a fleet key this relay holds,
     /// is inside its bind window, has not ended here before, and the BIND is signed with the key
     /// the token implies. Returns the allocation ID for the usual BIND handling.
+    // Out of line: only an allocation's first BIND comes here, and the forwarding path (the same
+    // `handle_datagram`) must not pay for its size in inlining decisions.
+    #[cold]
+    #[inline(never)]
     fn admit(&mut self, now: Millis, src: SocketAddr, buf: &mut [u8]) -> Result<AllocationId, Action> {
         let (t, key) = {
             let Ok(bind) = Bind::new_checked(&*buf) else { return Err(Action::Drop(DropReason::BadLength)) };
