@@ -148,6 +148,20 @@ pub(crate) struct Table {
     fleet: Option<Box<FleetIndex>>,
 }
 
+impl FleetIndex {
+    /// Out of line: the hashing must not bloat the single relay's inlined lookup.
+    #[inline(never)]
+    fn find(&self, id: &AllocationId) -> Found {
+        match self.index.get(id) {
+            Some(&i) => Found::Live(i),
+            None => match self.graves.get(id) {
+                Some(true) => Found::TimedOut,
+                _ => Found::Unknown,
+            },
+        }
+    }
+}
+
 /// How a fleet relay finds and remembers API-minted IDs.
 #[derive(Debug, Default)]
 struct FleetIndex {
@@ -219,13 +233,7 @@ impl Table {
     #[inline]
     pub fn find(&self, id: &AllocationId) -> Found {
         if let Some(f) = &self.fleet {
-            return match f.index.get(id) {
-                Some(&i) => Found::Live(i),
-                None => match f.graves.get(id) {
-                    Some(true) => Found::TimedOut,
-                    _ => Found::Unknown,
-                },
-            };
+            return f.find(id);
         }
         let i = slot_of(id, &self.cipher);
         match self.slots.get(i) {
