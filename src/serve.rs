@@ -470,10 +470,8 @@ impl Running {
                         expiry: cfg.heartbeat_expiry,
                         warmup: cfg.relay_warmup,
                         refresh: (cfg.heartbeat_interval / 2).max(Duration::from_millis(50)),
-                        keep: keep_for(&cfg),
                         bind_window: cfg.unbound_timeout,
                         join_code_length: cfg.join_code_length,
-                        max_connections_cap: cfg.max_connections_cap,
                     },
                 );
                 if let Err(e) = api.refresh().await {

@@ -30,12 +30,9 @@ pub struct FleetApiConfig {
     pub warmup: Duration,
     /// How often the relay snapshot is refreshed.
     pub refresh: Duration,
-    /// The directory keeps a relay record this long after its last heartbeat.
-    pub keep: Duration,
     /// A token's first BIND must come within this long (the relays' `unbound_timeout`).
     pub bind_window: Duration,
     pub join_code_length: usize,
-    pub max_connections_cap: u16,
 }
 
 /// The relays as last read from the directory.
