@@ -69,20 +69,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Tunnel(cmd) => {
-            use ferry::client::tunnel::cli::{self, TunnelCommand};
-            let r = match &cmd {
-                TunnelCommand::Host(a) => cli::host(a),
-                TunnelCommand::Join(a) => cli::join(a),
-            };
-            match r {
-                Ok(code) => ExitCode::from(code),
-                Err(e) => {
-                    eprintln!("ferry tunnel: {e}");
-                    ExitCode::FAILURE
-                }
+        Command::Tunnel(cmd) => match ferry::client::tunnel::cli::run(&cmd) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("ferry tunnel: {e}");
+                ExitCode::FAILURE
             }
-        }
+        },
         Command::Ctl(args) => match ferry::ctl::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

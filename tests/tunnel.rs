@@ -165,12 +165,20 @@ fn handshake(main: &UdpSocket, feed: &UdpSocket, local: &[SocketAddr], wrong_b: 
 
 fn play(main: &UdpSocket, feed: &UdpSocket, local: &[SocketAddr], text: &str) {
     let msg = [&[GAME][..], text.as_bytes()].concat();
-    let echo = request(main, local[0], &msg, &[ECHO]);
-    assert_eq!(&echo[1..], text.as_bytes());
-    feed.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 2048];
-    // The push may have been lost with 5 % loss; the echo retries produce more pushes.
-    let (n, _) = feed.recv_from(&mut buf).expect("a push on the feed channel");
+    // Each GAME message makes the server echo on main and push on feed; with 5 % loss either
+    // may be lost, so the client plays again until both came.
+    let mut pushed = None;
+    for _ in 0..20 {
+        let echo = request(main, local[0], &msg, &[ECHO]);
+        assert_eq!(&echo[1..], text.as_bytes());
+        feed.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        if let Ok((n, _)) = feed.recv_from(&mut buf) {
+            pushed = Some(n);
+            break;
+        }
+    }
+    let n = pushed.expect("a push on the feed channel");
     assert_eq!(buf[0], PUSH);
     assert_eq!(&buf[1..n], text.as_bytes());
     while feed.recv_from(&mut buf).is_ok_and(|(_, _)| true) {
@@ -184,7 +192,7 @@ fn main_feed(loss: u32) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (ma, fa, server) = game_server(stop.clone(), seen.clone());
     let (hl, jl) = (LossyLink::new(srv.relay_addr(), loss, 7), LossyLink::new(srv.relay_addr(), loss, 11));
-    let t = Tunnels::start(&srv, vec![ma, fa], hl.addr, jl.addr);
+    let t = Tunnels::start_with(&srv, vec![ma, fa], hl.addr, jl.addr, support::path_for(loss));
     let local = t.local.clone();
     assert_eq!(local.len(), 2);
 

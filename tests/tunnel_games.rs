@@ -56,7 +56,7 @@ fn netcode_through_tunnels(loss: u32) {
     let mut server = netcode::Server::new("127.0.0.1:0", pid, key).unwrap();
     let server_addr = server.addr();
     let (hl, jl) = (LossyLink::new(srv.relay_addr(), loss, 3), LossyLink::new(srv.relay_addr(), loss, 5));
-    let t = Tunnels::start(&srv, vec![server_addr], hl.addr, jl.addr);
+    let t = Tunnels::start_with(&srv, vec![server_addr], hl.addr, jl.addr, support::path_for(loss));
     // The client is told the join tunnel's local address, the server's real one stays internal.
     let token = netcode::ConnectToken::build(t.local[0], pid, 77, key)
         .internal_addresses(server_addr)
@@ -213,7 +213,7 @@ fn quic_through_tunnels(loss: u32) {
     let (server, cert) = quic::server("127.0.0.1:0".parse().unwrap());
     let server_addr = server.local_addr().unwrap();
     let (hl, jl) = (LossyLink::new(srv.relay_addr(), loss, 13), LossyLink::new(srv.relay_addr(), loss, 17));
-    let t = Tunnels::start(&srv, vec![server_addr], hl.addr, jl.addr);
+    let t = Tunnels::start_with(&srv, vec![server_addr], hl.addr, jl.addr, support::path_for(loss));
     let target = t.local[0];
     rt.spawn(quic::serve(server));
     let states = rt.block_on(async move {

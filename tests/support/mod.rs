@@ -305,12 +305,34 @@ pub struct Tunnels {
     pub events: std::sync::Arc<std::sync::Mutex<Vec<ferry::client::tunnel::TunnelEvent>>>,
 }
 
+/// The path policy for a test over a lossy link to the relay: with loss, `relay` (the loss on
+/// the way to the relay is what is tested); without, the default (`auto`: direct once proven).
+pub fn path_for(loss: u32) -> ferry::client::tunnel::PathOptions {
+    let mut o = ferry::client::tunnel::PathOptions::default();
+    if loss > 0 {
+        o.policy = ferry::client::path::Policy::Relay;
+    }
+    o
+}
+
 impl Tunnels {
+    /// Both tunnels on the default path policy (`auto`: direct once proven).
     pub fn start(
         srv: &Server,
         forwards: Vec<SocketAddr>,
         host_relay: SocketAddr,
         join_relay: SocketAddr,
+    ) -> Self {
+        Self::start_with(srv, forwards, host_relay, join_relay, Default::default())
+    }
+
+    /// Both tunnels under `path` (e.g. `relay`, to keep traffic on a lossy link to the relay).
+    pub fn start_with(
+        srv: &Server,
+        forwards: Vec<SocketAddr>,
+        host_relay: SocketAddr,
+        join_relay: SocketAddr,
+        path: ferry::client::tunnel::PathOptions,
     ) -> Self {
         use ferry::client::tunnel::*;
         let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -319,7 +341,8 @@ impl Tunnels {
         // shift them below the ephemeral range.
         let min = forwards.iter().map(|a| a.port() as i32).min().unwrap_or(0);
         let port_offset = 2000 + min % 5000 - min;
-        let cfg = HostConfig { forwards, players: 4, timing: Timing::default(), relay: Some(host_relay) };
+        let cfg =
+            HostConfig { forwards, players: 4, timing: Timing::default(), relay: Some(host_relay), path };
         let mut host = HostTunnel::open(&api, cfg).unwrap();
         let code = host.join_code().to_string();
         let host_ctl = TunnelControl::new();
@@ -331,6 +354,7 @@ impl Tunnels {
             listen: "127.0.0.1".parse().unwrap(),
             port_offset,
             relay: Some(join_relay),
+            path,
             ..JoinConfig::default()
         };
         let mut join = JoinTunnel::open(&api, &code, jcfg).unwrap();

@@ -24,7 +24,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut host = HostTunnel::open(
         &api,
-        HostConfig { forwards: vec![game_addr], players: 4, timing: Timing::default(), relay: None },
+        HostConfig {
+            forwards: vec![game_addr],
+            players: 4,
+            timing: Timing::default(),
+            relay: None,
+            path: Default::default(),
+        },
     )?;
     let code = host.join_code().to_string();
     println!("join code {code}");

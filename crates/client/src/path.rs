@@ -231,6 +231,22 @@ pub struct ReplayWindow {
 }
 
 impl ReplayWindow {
+    /// [`accept`](Self::accept) for a 32-bit sequence number that wraps (the tunnel's per-flow
+    /// numbers): it is read as the nearest 64-bit number to the highest seen.
+    pub fn accept_wrapping(&mut self, seq: u32) -> bool {
+        let full = if self.started {
+            let delta = i64::from(seq.wrapping_sub(self.top as u32) as i32);
+            match self.top.checked_add_signed(delta) {
+                Some(f) => f,
+                None => return false,
+            }
+        } else {
+            // Room below the first number, so that earlier ones still compare.
+            (1u64 << 32) + u64::from(seq)
+        };
+        self.accept(full)
+    }
+
     /// Whether `seq` is new (and records it).
     pub fn accept(&mut self, seq: u64) -> bool {
         if !self.started {
@@ -720,6 +736,21 @@ mod tests {
         assert!(w.accept(500));
         assert!(!w.accept(300), "older than the window");
         assert!(w.accept(499));
+    }
+
+    #[test]
+    fn replay_window_follows_32_bit_sequences_across_the_wrap() {
+        let mut w = ReplayWindow::default();
+        assert!(w.accept_wrapping(u32::MAX - 1));
+        assert!(w.accept_wrapping(u32::MAX));
+        assert!(w.accept_wrapping(0), "wrapped: newer");
+        assert!(w.accept_wrapping(1));
+        assert!(!w.accept_wrapping(u32::MAX), "a duplicate from before the wrap");
+        assert!(!w.accept_wrapping(1));
+        assert!(w.accept_wrapping(3));
+        assert!(w.accept_wrapping(2), "late but inside the window");
+        let mut fresh = ReplayWindow::default();
+        assert!(fresh.accept_wrapping(5) && fresh.accept_wrapping(4) && !fresh.accept_wrapping(4));
     }
 
     /// Two machines that can reach each other directly.

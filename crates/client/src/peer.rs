@@ -204,8 +204,10 @@ impl PeerLink {
                         addrs.push(l);
                     }
                 }
-                let c = self.path.candidates(addrs).encode();
-                self.relay.send(&self.peer, &frame(CANDIDATES, &c))?;
+                // [have yours u8][candidates]: a peer that has ours does not answer.
+                let mut body = vec![u8::from(self.got_candidates)];
+                body.extend_from_slice(&self.path.candidates(addrs).encode());
+                self.relay.send(&self.peer, &frame(CANDIDATES, &body))?;
             }
         }
         if self.path.poll_timeout().is_some_and(|t| t <= now) {
@@ -270,14 +272,15 @@ impl PeerLink {
             return Ok(());
         }
         match f[2] {
-            CANDIDATES => {
-                if let Some(c) = Candidates::decode(&f[3..]) {
+            CANDIDATES if f.len() > 4 => {
+                if let Some(c) = Candidates::decode(&f[4..]) {
                     if !self.got_candidates {
                         self.got_candidates = true;
                         self.path.on_candidates(now, &c);
                     }
-                    // Answer each copy: ours may have been lost.
-                    self.next_candidates = now;
+                    // Answer a copy from a peer that lacks ours (its first, or ours was lost);
+                    // one that has ours needs nothing, so the exchange ends.
+                    self.next_candidates = if f[3] == 0 { now } else { Millis::MAX };
                 }
             }
             DATA if f.len() >= 11 => {

@@ -14,10 +14,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let r = match &Cli::parse().command {
-        TunnelCommand::Host(a) => cli::host(a),
-        TunnelCommand::Join(a) => cli::join(a),
-    };
+    let r = cli::run(&Cli::parse().command);
     match r {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -54,6 +54,11 @@ impl SendBatch {
         self.n == BATCH
     }
 
+    /// Datagrams that still fit.
+    pub fn room(&self) -> usize {
+        BATCH - self.n
+    }
+
     /// Appends a datagram that `write` puts into the next buffer; `dst` `None` on a connected
     /// socket. Returns false when full or when `write` declines.
     pub fn push(&mut self, dst: Option<SocketAddr>, write: impl FnOnce(&mut [u8]) -> Option<usize>) -> bool {

@@ -10,7 +10,11 @@
 //! PING    0x05  either way      [id u32 BE][sent µs u64 BE]
 //! PONG    0x06  either way      the PING's body, echoed
 //! BYE     0x07  either way      the sender is leaving
+//! CANDS   0x08  either way      [have yours u8][path candidates]   (`docs/paths.md`)
 //! ```
+//!
+//! DATA frames also travel straight between the tunnels once a direct path is proven; every
+//! other frame goes through the relay.
 
 /// First byte of every tunnel frame.
 pub const MAGIC: u8 = 0xF7;
@@ -32,17 +36,38 @@ const CLOSE: u8 = 4;
 const PING: u8 = 5;
 const PONG: u8 = 6;
 const BYE: u8 = 7;
+const CANDIDATES: u8 = 8;
 
 /// A parsed frame, borrowing the game datagram.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
     Join,
-    Hello { ports: Vec<u16> },
-    Data { port: u8, flow: u32, seq: u32, payload: &'a [u8] },
-    Close { port: u8, flow: u32 },
-    Ping { id: u32, sent_us: u64 },
-    Pong { id: u32, sent_us: u64 },
+    Hello {
+        ports: Vec<u16>,
+    },
+    Data {
+        port: u8,
+        flow: u32,
+        seq: u32,
+        payload: &'a [u8],
+    },
+    Close {
+        port: u8,
+        flow: u32,
+    },
+    Ping {
+        id: u32,
+        sent_us: u64,
+    },
+    Pong {
+        id: u32,
+        sent_us: u64,
+    },
     Bye,
+    /// This side's path candidates (`[have yours u8]` + [`crate::path::Candidates`]).
+    Candidates {
+        body: &'a [u8],
+    },
 }
 
 /// Why bytes are not a tunnel frame (counted, never answered).
@@ -104,6 +129,10 @@ impl<'a> Frame<'a> {
             PING => exact(12).map(|_| Frame::Ping { id: u32_at(body, 0), sent_us: u64_at(body, 4) }),
             PONG => exact(12).map(|_| Frame::Pong { id: u32_at(body, 0), sent_us: u64_at(body, 4) }),
             BYE => exact(0).map(|_| Frame::Bye),
+            CANDIDATES => {
+                let ok = body.len() > 1 && crate::path::Candidates::decode(&body[1..]).is_some();
+                ok.then_some(Frame::Candidates { body }).ok_or(FrameError::BadLength)
+            }
             _ => Err(FrameError::UnknownKind),
         }
     }
@@ -142,6 +171,10 @@ impl<'a> Frame<'a> {
                 }
             }
             Frame::Bye => BYE,
+            Frame::Candidates { body } => {
+                v.extend_from_slice(body);
+                CANDIDATES
+            }
         };
         let n = 3 + v.len();
         let out = out.get_mut(..n)?;
@@ -180,6 +213,10 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let payload = [9u8; 100];
+        let mut cands = vec![0u8];
+        cands.extend(
+            crate::path::Candidates { policy: Default::default(), key: [7; 16], addrs: vec![] }.encode(),
+        );
         for f in [
             Frame::Join,
             Frame::Hello { ports: vec![7777, 7778] },
@@ -188,6 +225,7 @@ mod tests {
             Frame::Ping { id: 5, sent_us: 1 << 40 },
             Frame::Pong { id: 5, sent_us: 7 },
             Frame::Bye,
+            Frame::Candidates { body: &cands },
         ] {
             let v = f.to_vec();
             assert_eq!(Frame::parse(&v), Ok(f.clone()), "{v:02x?}");

@@ -7,10 +7,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::direct::{is_direct_traffic, PathOptions, PeerDirect, PeerStatus, Reflexive};
 use super::frame::{self, Frame};
 use super::poller::{Poller, LOCAL_BASE, RELAY};
 use super::{
-    flush_tx, frame_out, recv_some, FlowOut, Io, Out, Timing, TunnelControl, TunnelError, TunnelEvent,
+    flush_tx, frame_out, recv_some, FlowOut, GameOut, Io, Out, Timing, TunnelControl, TunnelError,
+    TunnelEvent,
 };
 use crate::clock::{Clock, Millis};
 use crate::wire::{AllocationId, ErrorCode};
@@ -26,6 +28,8 @@ pub struct HostConfig {
     pub timing: Timing,
     /// Send to this address instead of the relay endpoint the API names.
     pub relay: Option<SocketAddr>,
+    /// Direct paths to players (`docs/paths.md`).
+    pub path: PathOptions,
 }
 
 struct Flow {
@@ -40,6 +44,7 @@ struct Flow {
 struct Player {
     last_heard: Millis,
     flows: HashMap<(u8, u32), usize>,
+    direct: PeerDirect,
 }
 
 /// A running host tunnel. See the [module docs](super).
@@ -52,6 +57,10 @@ pub struct HostTunnel {
     players: HashMap<AllocationId, Player>,
     flows: Vec<Option<Flow>>,
     free: Vec<usize>,
+    reflexive: Reflexive,
+    /// Which player proved each direct address (probes are tried against it first).
+    by_addr: HashMap<SocketAddr, AllocationId>,
+    last_status: Millis,
 }
 
 impl HostTunnel {
@@ -70,15 +79,20 @@ impl HostTunnel {
         relay.set_nonblocking(true)?;
         let mut poller = Poller::new()?;
         poller.watch_relay(relay.socket())?;
+        let clock = Clock::new();
+        let reflexive = Reflexive::new(clock.now());
         Ok(Self {
             relay,
             join_code,
             cfg,
-            clock: Clock::new(),
+            clock,
             poller,
             players: HashMap::new(),
             flows: Vec::new(),
             free: Vec::new(),
+            reflexive,
+            by_addr: HashMap::new(),
+            last_status: 0,
         })
     }
 
@@ -107,6 +121,7 @@ impl HostTunnel {
                 self.relay.migrate_socket()?;
                 self.poller.watch_relay(self.relay.socket())?;
                 self.relay.send_bind()?;
+                self.reflexive.reset(self.clock.now());
                 events(TunnelEvent::Rebound { local: self.relay.local_addr()? });
             }
             self.poller.wait(Duration::from_millis(250), &mut ready)?;
@@ -128,6 +143,7 @@ impl HostTunnel {
                 }
             }
             self.expire(now, ctl, events);
+            self.drive_paths(now, ctl, events)?;
         };
         let bye = Frame::Bye.to_vec();
         let ids: Vec<AllocationId> = self.players.keys().copied().collect();
@@ -154,6 +170,13 @@ impl HostTunnel {
             for k in 0..n {
                 let (d, from) = rx.get(k);
                 let Some(from) = from else { continue };
+                if from != self.relay.relay_addr() {
+                    self.on_direct(from, d, out, ctl, events)?;
+                    continue;
+                }
+                if self.reflexive.on_datagram(d) {
+                    continue;
+                }
                 match self.relay.accept(from, d) {
                     Some(Received::Relay { from, payload }) => {
                         self.on_frame(from, payload, out, ctl, events)?
@@ -209,7 +232,8 @@ impl HostTunnel {
                 if !matches!(f, Frame::Join | Frame::Data { .. } | Frame::Ping { .. }) {
                     return Ok(());
                 }
-                v.insert(Player { last_heard: now, flows: HashMap::new() });
+                let direct = PeerDirect::new(now, &self.cfg.path, false);
+                v.insert(Player { last_heard: now, flows: HashMap::new(), direct });
                 events(TunnelEvent::PlayerJoined { player: from });
             }
         }
@@ -218,7 +242,7 @@ impl HostTunnel {
                 let ports = self.cfg.forwards.iter().map(|a| a.port()).collect();
                 self.relay.send(&from, &Frame::Hello { ports }.to_vec())?;
             }
-            Frame::Data { port, flow, payload: data, .. } => {
+            Frame::Data { port, flow, seq, payload: data } => {
                 let Some(&target) = self.cfg.forwards.get(port as usize) else {
                     ctl.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
@@ -232,7 +256,19 @@ impl HostTunnel {
                 }
                 if let Some(fl) = self.flows[i].as_mut() {
                     fl.last = now;
+                    if !fl.out.window.accept_wrapping(seq) {
+                        ctl.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
                     out.queue(i, None, data);
+                }
+            }
+            Frame::Candidates { body } => {
+                if let Some(p) = self.players.get_mut(&from) {
+                    p.direct.on_candidates(now, body);
+                    if let Some(reason) = p.direct.failure_once() {
+                        events(TunnelEvent::PathFailed { peer: from, reason });
+                    }
                 }
             }
             Frame::Close { port, flow } => {
@@ -243,6 +279,9 @@ impl HostTunnel {
             Frame::Ping { id, sent_us } => self.relay.send(&from, &Frame::Pong { id, sent_us }.to_vec())?,
             Frame::Pong { sent_us, .. } => {
                 let micros = (self.clock.nanos() / 1000).saturating_sub(sent_us);
+                if let Some(p) = self.players.get_mut(&from) {
+                    p.direct.path.observe_relay_rtt(micros / 1000);
+                }
                 events(TunnelEvent::Rtt { peer: from, micros });
             }
             Frame::Bye => self.remove_player(from, "left", ctl, events),
@@ -302,16 +341,94 @@ impl HostTunnel {
                 break;
             }
             fl.last = now;
+            let Some(p) = self.players.get_mut(&fl.player) else { break };
             for k in 0..n {
                 let (data, _) = io.rx.get(k);
-                let (player, port, flow) = (fl.player, fl.port, fl.flow);
-                frame_out(&mut io.tx, &self.relay, &player, port, flow, &mut fl.out, data, ctl, events);
-                if io.tx.is_full() {
-                    flush_tx(&mut io.tx, &self.poller, &mut self.relay, ctl)?;
+                let g = GameOut { to: &fl.player, port: fl.port, flow: fl.flow, data };
+                frame_out(&mut io.tx, &self.relay, &mut p.direct, now, g, &mut fl.out, ctl, events);
+                if io.tx.room() < 2 {
+                    flush_tx(&mut io.tx, &self.poller, &mut self.relay)?;
                 }
             }
         }
-        flush_tx(&mut io.tx, &self.poller, &mut self.relay, ctl)?;
+        flush_tx(&mut io.tx, &self.poller, &mut self.relay)?;
+        Ok(())
+    }
+
+    /// A datagram straight from `from`, not from the relay: a peer's probe or answer, or game
+    /// data on a direct path (accepted only from an address a player has proven).
+    fn on_direct(
+        &mut self,
+        from: SocketAddr,
+        d: &[u8],
+        out: &mut Out,
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) -> Result<(), TunnelError> {
+        if !is_direct_traffic(d) {
+            ctl.stats.unproven.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let known = self.by_addr.get(&from).copied();
+        if crate::path::is_path_message(d) {
+            // The player that proved this address first; then the others (each has its own
+            // key, so at most one can authenticate it).
+            let mut order: Vec<AllocationId> = known.into_iter().collect();
+            order.extend(self.players.keys().filter(|id| Some(**id) != known));
+            for id in order {
+                let Some(p) = self.players.get_mut(&id) else { continue };
+                if p.direct.path.handle_direct(now, from, d) {
+                    p.direct.send_transmits(&self.relay);
+                    self.by_addr.insert(from, id);
+                    break;
+                }
+            }
+            return Ok(());
+        }
+        let accepted = known.filter(|id| self.players.get(id).is_some_and(|p| p.direct.path.accepts(from)));
+        match (accepted, Frame::parse(d)) {
+            (Some(id), Ok(Frame::Data { .. })) => {
+                ctl.stats.from_direct.fetch_add(1, Ordering::Relaxed);
+                self.on_frame(id, d, out, ctl, events)?;
+            }
+            _ => {
+                ctl.stats.unproven.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// The path work of one turn: STUN, candidates, probes and keep-alives, held frames, reports.
+    fn drive_paths(
+        &mut self,
+        now: Millis,
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) -> Result<(), TunnelError> {
+        if let Some(req) = self.reflexive.due(now) {
+            let _ = self.relay.socket().send_to(&req, self.relay.relay_addr());
+        }
+        let sock = self.relay.local_addr().ok();
+        let report = now.saturating_sub(self.last_status) >= 250;
+        let mut status = Vec::new();
+        for (id, p) in self.players.iter_mut() {
+            if let Some(body) = p.direct.candidates_due(now, &self.reflexive, sock) {
+                self.relay.send(id, &Frame::Candidates { body: &body }.to_vec())?;
+            }
+            p.direct.drive(now, &mut self.relay, id);
+            if let Some(stats) = p.direct.changed(now) {
+                let policy = p.direct.path.policy().as_str();
+                events(TunnelEvent::Path { status: PeerStatus { peer: id.to_string(), policy, stats } });
+            }
+            if report {
+                status.push(PeerStatus::of(id, &p.direct, now));
+            }
+        }
+        if report {
+            self.last_status = now;
+            ctl.set_paths(status);
+        }
         Ok(())
     }
 
@@ -341,6 +458,7 @@ impl HostTunnel {
         events: &mut dyn FnMut(TunnelEvent),
     ) {
         let Some(p) = self.players.remove(&player) else { return };
+        self.by_addr.retain(|_, id| *id != player);
         for (_, i) in p.flows {
             self.close_flow(i, "player left", false, ctl, events);
         }

@@ -7,10 +7,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::direct::{is_direct_traffic, PathOptions, PeerDirect, PeerStatus, Reflexive};
 use super::frame::Frame;
 use super::poller::{Poller, LOCAL_BASE, RELAY};
 use super::{
-    flush_tx, frame_out, recv_some, FlowOut, Io, Out, Timing, TunnelControl, TunnelError, TunnelEvent,
+    flush_tx, frame_out, recv_some, FlowOut, GameOut, Io, Out, Timing, TunnelControl, TunnelError,
+    TunnelEvent,
 };
 use crate::clock::{Clock, Millis};
 use crate::wire::{AllocationId, ErrorCode};
@@ -28,6 +30,8 @@ pub struct JoinConfig {
     pub relay: Option<SocketAddr>,
     /// How long to wait for the host tunnel's HELLO.
     pub hello_timeout: Duration,
+    /// Direct path to the host (`docs/paths.md`).
+    pub path: PathOptions,
 }
 
 impl Default for JoinConfig {
@@ -38,6 +42,7 @@ impl Default for JoinConfig {
             timing: Timing::default(),
             relay: None,
             hello_timeout: Duration::from_secs(10),
+            path: PathOptions::default(),
         }
     }
 }
@@ -51,6 +56,13 @@ pub enum JoinExit {
     HostLeft,
     /// The host tunnel fell silent for the peer timeout.
     HostSilent,
+}
+
+/// What happened to the path after a turn.
+enum PathTurn {
+    Fine,
+    /// The policies exclude each other.
+    Failed(String),
 }
 
 struct Flow {
@@ -73,6 +85,9 @@ pub struct JoinTunnel {
     by_client: HashMap<(u8, SocketAddr), u32>,
     next_flow: u32,
     last_heard: Millis,
+    direct: PeerDirect,
+    reflexive: Reflexive,
+    last_status: Millis,
 }
 
 impl JoinTunnel {
@@ -131,7 +146,12 @@ impl JoinTunnel {
         relay.set_nonblocking(true)?;
         poller.watch_relay(relay.socket())?;
         let last_heard = clock.now();
+        let direct = PeerDirect::new(last_heard, &cfg.path, true);
+        let reflexive = Reflexive::new(last_heard);
         Ok(Self {
+            direct,
+            reflexive,
+            last_status: 0,
             relay,
             host,
             ports,
@@ -183,6 +203,7 @@ impl JoinTunnel {
                 self.relay.migrate_socket()?;
                 self.poller.watch_relay(self.relay.socket())?;
                 self.relay.send_bind()?;
+                self.reflexive.reset(self.clock.now());
                 events(TunnelEvent::Rebound { local: self.relay.local_addr()? });
             }
             self.poller.wait(Duration::from_millis(250), &mut ready)?;
@@ -206,6 +227,10 @@ impl JoinTunnel {
                 break JoinExit::HostSilent;
             }
             self.expire(now, ctl, events);
+            if let PathTurn::Failed(why) = self.drive_path(now, ctl, events)? {
+                let _ = self.finish(JoinExit::Stopped);
+                return Err(TunnelError::Path(why));
+            }
         };
         self.finish(exit)
     }
@@ -234,6 +259,13 @@ impl JoinTunnel {
             for k in 0..n {
                 let (d, from) = rx.get(k);
                 let Some(from) = from else { continue };
+                if from != self.relay.relay_addr() {
+                    self.on_direct(from, d, out, ctl, events)?;
+                    continue;
+                }
+                if self.reflexive.on_datagram(d) {
+                    continue;
+                }
                 exit = match self.relay.accept(from, d) {
                     Some(Received::Relay { from, payload }) if from == self.host => {
                         self.on_frame(payload, out, ctl, events)?
@@ -273,7 +305,13 @@ impl JoinTunnel {
     ) -> Result<Option<JoinExit>, TunnelError> {
         self.last_heard = self.clock.now();
         match Frame::parse(payload) {
-            Ok(Frame::Data { port, flow, payload: data, .. }) => self.deliver(port, flow, data, out, ctl),
+            Ok(Frame::Data { port, flow, seq, payload: data }) => {
+                self.deliver(port, flow, seq, data, out, ctl)
+            }
+            Ok(Frame::Candidates { body }) => {
+                let now = self.clock.now();
+                self.direct.on_candidates(now, body);
+            }
             Ok(Frame::Close { flow, port }) => {
                 if let Some(f) = self.flows.remove(&flow) {
                     self.by_client.remove(&(f.port, f.client));
@@ -291,6 +329,7 @@ impl JoinTunnel {
             }
             Ok(Frame::Pong { sent_us, .. }) => {
                 let micros = (self.clock.nanos() / 1000).saturating_sub(sent_us);
+                self.direct.path.observe_relay_rtt(micros / 1000);
                 events(TunnelEvent::Rtt { peer: self.host, micros });
             }
             Ok(Frame::Bye) => return Ok(Some(JoinExit::HostLeft)),
@@ -302,12 +341,16 @@ impl JoinTunnel {
         Ok(None)
     }
 
-    fn deliver(&mut self, port: u8, flow: u32, data: &[u8], out: &mut Out, ctl: &TunnelControl) {
+    fn deliver(&mut self, port: u8, flow: u32, seq: u32, data: &[u8], out: &mut Out, ctl: &TunnelControl) {
         let Some(f) = self.flows.get_mut(&flow).filter(|f| f.port == port) else {
             ctl.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             return;
         };
         f.last = self.clock.now();
+        if !f.out.window.accept_wrapping(seq) {
+            ctl.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let client = f.client;
         if out.must_flush_before(port as usize) {
             self.flush_out(out, ctl);
@@ -353,14 +396,78 @@ impl JoinTunnel {
                 };
                 let Some(fl) = self.flows.get_mut(&flow) else { continue };
                 fl.last = now;
-                frame_out(&mut io.tx, &self.relay, &self.host, port8, flow, &mut fl.out, data, ctl, events);
-                if io.tx.is_full() {
-                    flush_tx(&mut io.tx, &self.poller, &mut self.relay, ctl)?;
+                let g = GameOut { to: &self.host, port: port8, flow, data };
+                frame_out(&mut io.tx, &self.relay, &mut self.direct, now, g, &mut fl.out, ctl, events);
+                if io.tx.room() < 2 {
+                    flush_tx(&mut io.tx, &self.poller, &mut self.relay)?;
                 }
             }
         }
-        flush_tx(&mut io.tx, &self.poller, &mut self.relay, ctl)?;
+        flush_tx(&mut io.tx, &self.poller, &mut self.relay)?;
         Ok(())
+    }
+
+    /// A datagram straight from `from`, not from the relay: the host's probe or answer, or game
+    /// data on the direct path (accepted only from an address the host has proven).
+    fn on_direct(
+        &mut self,
+        from: SocketAddr,
+        d: &[u8],
+        out: &mut Out,
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) -> Result<(), TunnelError> {
+        let now = self.clock.now();
+        if crate::path::is_path_message(d) {
+            if self.direct.path.handle_direct(now, from, d) {
+                self.direct.send_transmits(&self.relay);
+            }
+            return Ok(());
+        }
+        if !is_direct_traffic(d) || !matches!(Frame::parse(d), Ok(Frame::Data { .. })) {
+            ctl.stats.unproven.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        if !self.direct.path.accepts(from) {
+            // Maybe the host's NAT moved it: ask that address to prove itself.
+            ctl.stats.unproven.fetch_add(1, Ordering::Relaxed);
+            self.direct.path.on_unverified(now, from);
+            self.direct.send_transmits(&self.relay);
+            return Ok(());
+        }
+        ctl.stats.from_direct.fetch_add(1, Ordering::Relaxed);
+        self.on_frame(d, out, ctl, events)?;
+        Ok(())
+    }
+
+    /// The path work of one turn: STUN, candidates, probes and keep-alives, held frames, reports.
+    fn drive_path(
+        &mut self,
+        now: Millis,
+        ctl: &TunnelControl,
+        events: &mut dyn FnMut(TunnelEvent),
+    ) -> Result<PathTurn, TunnelError> {
+        if let Some(req) = self.reflexive.due(now) {
+            let _ = self.relay.socket().send_to(&req, self.relay.relay_addr());
+        }
+        let sock = self.relay.local_addr().ok();
+        if let Some(body) = self.direct.candidates_due(now, &self.reflexive, sock) {
+            self.relay.send(&self.host, &Frame::Candidates { body: &body }.to_vec())?;
+        }
+        if let Some(reason) = self.direct.failure_once() {
+            events(TunnelEvent::PathFailed { peer: self.host, reason: reason.clone() });
+            return Ok(PathTurn::Failed(reason));
+        }
+        self.direct.drive(now, &mut self.relay, &self.host);
+        if let Some(stats) = self.direct.changed(now) {
+            let policy = self.direct.path.policy().as_str();
+            events(TunnelEvent::Path { status: PeerStatus { peer: self.host.to_string(), policy, stats } });
+        }
+        if now.saturating_sub(self.last_status) >= 250 {
+            self.last_status = now;
+            ctl.set_paths(vec![PeerStatus::of(&self.host, &self.direct, now)]);
+        }
+        Ok(PathTurn::Fine)
     }
 
     fn expire(&mut self, now: Millis, ctl: &TunnelControl, events: &mut dyn FnMut(TunnelEvent)) {

@@ -22,6 +22,7 @@
 
 mod batch;
 pub mod cli;
+mod direct;
 pub mod frame;
 mod host;
 mod join;
@@ -29,16 +30,17 @@ mod poller;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use direct::{PathOptions, PeerStatus};
 pub use host::{HostConfig, HostTunnel};
 pub use join::{JoinConfig, JoinExit, JoinTunnel};
 
 use crate::wire::AllocationId;
 
 /// What a tunnel reports while it runs (printed by `ferry tunnel`, `--json` as event lines).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum TunnelEvent {
     /// A player's join tunnel said hello (host side).
     PlayerJoined {
@@ -78,6 +80,15 @@ pub enum TunnelEvent {
         peer: AllocationId,
         micros: u64,
     },
+    /// A peer's path changed (route, its reason, or the direct address).
+    Path {
+        status: PeerStatus,
+    },
+    /// The two sides' path policies exclude each other (`relay` against `direct`).
+    PathFailed {
+        peer: AllocationId,
+        reason: String,
+    },
 }
 
 /// Errors that end a tunnel.
@@ -89,6 +100,8 @@ pub enum TunnelError {
     /// The host never answered JOIN with its forward list.
     NoHello,
     Config(String),
+    /// The two sides' path policies exclude each other.
+    Path(String),
 }
 
 impl std::fmt::Display for TunnelError {
@@ -99,6 +112,7 @@ impl std::fmt::Display for TunnelError {
             Self::Io(e) => write!(f, "{e}"),
             Self::NoHello => f.write_str("the host tunnel did not answer (is it running?)"),
             Self::Config(m) => f.write_str(m),
+            Self::Path(m) => write!(f, "path policy: {m}"),
         }
     }
 }
@@ -128,8 +142,16 @@ impl From<crate::ApiError> for TunnelError {
 pub struct TunnelStats {
     /// Game datagrams from local sockets sent through the relay.
     pub to_relay: AtomicU64,
-    /// Game datagrams from the relay delivered to local sockets.
+    /// Game datagrams from local sockets sent straight to the peer tunnel.
+    pub to_direct: AtomicU64,
+    /// Game datagrams delivered to local sockets (from either path).
     pub from_relay: AtomicU64,
+    /// Game datagrams that came straight from a peer tunnel (before duplicates are dropped).
+    pub from_direct: AtomicU64,
+    /// Game datagrams seen twice (sent on both paths, or duplicated by the network), dropped.
+    pub duplicates: AtomicU64,
+    /// Datagrams straight from an address no peer has proven (probed, not delivered).
+    pub unproven: AtomicU64,
     /// Game datagrams over the size limit, dropped.
     pub oversize: AtomicU64,
     /// Relay payloads that were not tunnel frames, or named an unknown port.
@@ -151,6 +173,8 @@ pub struct TunnelControl {
     stop: AtomicBool,
     migrate: AtomicBool,
     pub stats: TunnelStats,
+    /// Every peer's path, refreshed by the tunnel a few times a second (never per datagram).
+    paths: Mutex<Vec<PeerStatus>>,
 }
 
 impl TunnelControl {
@@ -173,6 +197,17 @@ impl TunnelControl {
 
     fn take_migrate(&self) -> bool {
         self.migrate.swap(false, Ordering::Relaxed)
+    }
+
+    /// Every peer's current path (what `ferry tunnel status` prints).
+    pub fn paths(&self) -> Vec<PeerStatus> {
+        self.paths.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    fn set_paths(&self, p: Vec<PeerStatus>) {
+        if let Ok(mut g) = self.paths.lock() {
+            *g = p;
+        }
     }
 }
 
@@ -231,20 +266,21 @@ impl Io {
 
 /// Receives one batch from `sock`: `Ok(0)` when nothing is waiting (transient errors included).
 fn recv_some(sock: &mio::net::UdpSocket, rx: &mut batch::RecvBatch) -> std::io::Result<usize> {
-    match batch::recv(sock, rx) {
-        Ok(n) => Ok(n),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock
-                    | std::io::ErrorKind::Interrupted
-                    | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            Ok(0)
+    // An ICMP error from an earlier send (a probe to a candidate nobody listens on) is reported
+    // once and says nothing about what is queued: read on. Bounded, in case errors keep coming.
+    for _ in 0..64 {
+        match batch::recv(sock, rx) {
+            Ok(n) => return Ok(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) => return Err(e),
         }
-        Err(e) => Err(e),
     }
+    Ok(0)
 }
 
 /// The outbound side of one flow, in either tunnel.
@@ -252,22 +288,33 @@ fn recv_some(sock: &mio::net::UdpSocket, rx: &mut batch::RecvBatch) -> std::io::
 struct FlowOut {
     seq: u32,
     oversize_reported: bool,
+    /// The inbound side: datagrams seen, so one sent on both paths is delivered once.
+    window: crate::path::ReplayWindow,
 }
 
-/// Frames one game datagram of a flow for the relay into `tx`, or drops it when it is over
+/// One game datagram of a flow, on its way to a peer tunnel.
+struct GameOut<'a> {
+    to: &'a crate::wire::AllocationId,
+    port: u8,
+    flow: u32,
+    data: &'a [u8],
+}
+
+/// Frames one game datagram of a flow into `tx` on the peer's current route (relay, direct or
+/// both), holds it while the policy waits for a path, or drops it when it is over
 /// [`frame::MAX_GAME_DATAGRAM`] (counted, and reported once per flow).
 #[allow(clippy::too_many_arguments)]
 fn frame_out(
     tx: &mut batch::SendBatch,
     relay: &crate::RelayClient,
-    to: &crate::wire::AllocationId,
-    port: u8,
-    flow: u32,
+    peer: &mut direct::PeerDirect,
+    now: crate::clock::Millis,
+    g: GameOut<'_>,
     out: &mut FlowOut,
-    data: &[u8],
     ctl: &TunnelControl,
     events: &mut dyn FnMut(TunnelEvent),
 ) {
+    let GameOut { to, port, flow, data } = g;
     if data.len() > frame::MAX_GAME_DATAGRAM {
         ctl.stats.oversize.fetch_add(1, Ordering::Relaxed);
         if !out.oversize_reported {
@@ -278,8 +325,9 @@ fn frame_out(
     }
     out.seq = out.seq.wrapping_add(1);
     let seq = out.seq;
-    let relay_addr = relay.relay_addr();
-    tx.push(Some(relay_addr), |b| relay.write_relay(to, b, |p| frame::write_data(p, port, flow, seq, data)));
+    let (r, d) = peer.route_data(now, tx, relay, to, |p| frame::write_data(p, port, flow, seq, data));
+    ctl.stats.to_relay.fetch_add(r, Ordering::Relaxed);
+    ctl.stats.to_direct.fetch_add(d, Ordering::Relaxed);
 }
 
 /// Sends the frames gathered for the relay in one batch.
@@ -287,14 +335,12 @@ fn flush_tx(
     tx: &mut batch::SendBatch,
     poller: &poller::Poller,
     relay: &mut crate::RelayClient,
-    ctl: &TunnelControl,
 ) -> std::io::Result<()> {
     if tx.is_empty() {
         return Ok(());
     }
     if let Some(s) = poller.relay_socket() {
-        let sent = batch::send(s, tx)?;
-        ctl.stats.to_relay.fetch_add(sent as u64, Ordering::Relaxed);
+        batch::send(s, tx)?;
         relay.note_sent();
     }
     tx.clear();
