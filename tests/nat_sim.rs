@@ -369,7 +369,7 @@ impl Sim {
             if d.len() > 4 && d[3] == 2 {
                 // PING echo: the relay path's RTT.
                 if let Some(t) = self.peers[i].ping_sent.take() {
-                    self.peers[i].path.observe_relay_rtt(now - t);
+                    self.peers[i].path.observe_relay_rtt((now - t) as f64);
                 }
                 return;
             }

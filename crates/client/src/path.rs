@@ -460,8 +460,8 @@ impl PeerPath {
     }
 
     /// The relay path's round-trip time, measured by whoever pings through the relay.
-    pub fn observe_relay_rtt(&mut self, rtt: Millis) {
-        self.stats.rtt_relay_ms = Some(ewma(self.stats.rtt_relay_ms, rtt as f64));
+    pub fn observe_relay_rtt(&mut self, rtt_ms: f64) {
+        self.stats.rtt_relay_ms = Some(ewma(self.stats.rtt_relay_ms, rtt_ms));
     }
 
     /// Whether a direct datagram from `from` may be accepted as the peer's data: only from an

@@ -280,7 +280,7 @@ impl HostTunnel {
             Frame::Pong { sent_us, .. } => {
                 let micros = (self.clock.nanos() / 1000).saturating_sub(sent_us);
                 if let Some(p) = self.players.get_mut(&from) {
-                    p.direct.path.observe_relay_rtt(micros / 1000);
+                    p.direct.path.observe_relay_rtt(micros as f64 / 1000.0);
                 }
                 events(TunnelEvent::Rtt { peer: from, micros });
             }

@@ -329,7 +329,7 @@ impl JoinTunnel {
             }
             Ok(Frame::Pong { sent_us, .. }) => {
                 let micros = (self.clock.nanos() / 1000).saturating_sub(sent_us);
-                self.direct.path.observe_relay_rtt(micros / 1000);
+                self.direct.path.observe_relay_rtt(micros as f64 / 1000.0);
                 events(TunnelEvent::Rtt { peer: self.host, micros });
             }
             Ok(Frame::Bye) => return Ok(Some(JoinExit::HostLeft)),
