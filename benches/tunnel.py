@@ -57,9 +57,11 @@ def main():
     relay = spawn(0, "serve", "--api-listen", API[7:], "--relay-listen", "127.0.0.1:17777", "--shards", "1",
                   "--api-rate-limit", "100000", "--log-lifecycle", "off")
     time.sleep(1)
-    host = spawn(1, "tunnel", "host", "--api", API, "--forward", GAME, "--json")
+    # `--path relay`: this measures the tunnels through the relay (on loopback `auto` would go
+    # direct at once and bypass it).
+    host = spawn(1, "tunnel", "host", "--api", API, "--forward", GAME, "--json", "--path", "relay")
     code = json.loads(host.stdout.readline())["join_code"]
-    join = spawn(1, "tunnel", "join", code, "--api", API, "--port-offset", str(OFFSET), "--json")
+    join = spawn(1, "tunnel", "join", code, "--api", API, "--port-offset", str(OFFSET), "--json", "--path", "relay")
     join.stdout.readline()
     procs = {"relay": relay.pid, "host_tunnel": host.pid, "join_tunnel": join.pid}
     rows = []
