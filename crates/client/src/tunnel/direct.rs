@@ -43,19 +43,24 @@ pub(super) struct Reflexive {
     tx: [u8; 12],
     next: Millis,
     since: Millis,
+    tries: u32,
     pub addr: Option<SocketAddr>,
 }
 
+/// STUN requests before giving up (a relay with STUN off never answers).
+const STUN_TRIES: u32 = 10;
+
 impl Reflexive {
     pub fn new(now: Millis) -> Self {
-        Self { tx: random(), next: now, since: now, addr: None }
+        Self { tx: random(), next: now, since: now, tries: 0, addr: None }
     }
 
-    /// The request to send now, if one is due (every 500 ms until answered).
+    /// The request to send now, if one is due (every 500 ms until answered, 10 at most).
     pub fn due(&mut self, now: Millis) -> Option<[u8; stun::HEADER_LEN]> {
-        if self.addr.is_some() || now < self.next {
+        if self.addr.is_some() || now < self.next || self.tries >= STUN_TRIES {
             return None;
         }
+        self.tries += 1;
         self.next = now + 500;
         Some(stun::binding_request(self.tx))
     }
@@ -363,6 +368,14 @@ mod tests {
         assert_eq!(c2[0], 0);
         h.on_candidates(STUN_PATIENCE + CANDIDATES_EVERY, &c2);
         assert!(h.candidates_due(STUN_PATIENCE + CANDIDATES_EVERY, &refl, None).is_some());
+    }
+
+    #[test]
+    fn stun_is_asked_every_half_second_and_given_up_after_ten() {
+        let mut r = Reflexive::new(0);
+        let sent = (0..20_000).step_by(100).filter(|&t| r.due(t).is_some()).count();
+        assert_eq!(sent, STUN_TRIES as usize);
+        assert!(r.settled(STUN_PATIENCE), "candidates go out without it");
     }
 
     #[test]
