@@ -92,3 +92,19 @@ fn the_relay_policy_keeps_everything_on_the_relay() {
         assert!(st.bytes_relay > 0);
     }
 }
+
+#[test]
+fn a_relay_without_stun_still_gets_candidates_exchanged() {
+    // No reflexive address: after 3 s the links offer their interface addresses, so
+    // `direct-first` (which waits for a path) does not wait forever.
+    let srv = Server::start(|c| c.stun = false);
+    let (mut h, mut j) = links(&srv, Policy::DirectFirst, Policy::DirectFirst);
+    let mut back = exchange(&mut h, &mut j, 30);
+    back.sort_unstable();
+    assert_eq!(back, (0..30).collect::<Vec<_>>());
+    for l in [&h, &j] {
+        let st = l.stats();
+        assert_ne!(st.route, "waiting", "{st:?}");
+        assert!(st.bytes_direct + st.bytes_relay > 0, "{st:?}");
+    }
+}

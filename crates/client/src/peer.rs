@@ -20,7 +20,8 @@ use crate::conn::{ClientError, Incoming, Received, RelayClient};
 use crate::path::{
     is_path_message, Candidates, PathConfig, PathStats, PeerPath, Policy, ReplayWindow, Route,
 };
-use crate::wire::{stun, AllocationId};
+use crate::tunnel::direct::{local_candidates, Reflexive};
+use crate::wire::AllocationId;
 
 /// Frame prefix of a peer link's own messages (inside RELAY payloads and on the direct path).
 const MAGIC: &[u8; 2] = b"FL";
@@ -43,9 +44,7 @@ pub struct PeerLink {
     peer: AllocationId,
     path: PeerPath,
     clock: Clock,
-    stun_tx: [u8; 12],
-    next_stun: Millis,
-    reflexive: Option<SocketAddr>,
+    reflexive: Reflexive,
     next_candidates: Millis,
     got_candidates: bool,
     seq: u64,
@@ -64,9 +63,7 @@ impl PeerLink {
         cfg: PathConfig,
     ) -> Result<Self, ClientError> {
         let mut key = [0u8; 16];
-        let mut tx = [0u8; 12];
         getrandom::getrandom(&mut key).map_err(|e| ClientError::Io(std::io::Error::other(e)))?;
-        getrandom::getrandom(&mut tx).map_err(|e| ClientError::Io(std::io::Error::other(e)))?;
         relay.set_nonblocking(true)?;
         let clock = Clock::new();
         Ok(Self {
@@ -74,9 +71,7 @@ impl PeerLink {
             relay,
             peer,
             clock,
-            stun_tx: tx,
-            next_stun: 0,
-            reflexive: None,
+            reflexive: Reflexive::new(clock.now()),
             next_candidates: 0,
             got_candidates: false,
             seq: 0,
@@ -191,24 +186,17 @@ impl PeerLink {
         let now = self.clock.now();
         self.relay.maintain()?;
         let relay_addr = self.relay.relay_addr();
-        if self.reflexive.is_none() && now >= self.next_stun {
-            self.next_stun = now + 500;
-            let _ = self.relay.socket().send_to(&stun::binding_request(self.stun_tx), relay_addr);
+        if let Some(req) = self.reflexive.due(now) {
+            let _ = self.relay.socket().send_to(&req, relay_addr);
         }
-        if let Some(r) = self.reflexive {
-            if now >= self.next_candidates {
-                self.next_candidates = if self.got_candidates { Millis::MAX } else { now + 1_000 };
-                let mut addrs = vec![r];
-                if let Ok(l) = self.relay.local_addr() {
-                    if !l.ip().is_unspecified() && l != r {
-                        addrs.push(l);
-                    }
-                }
-                // [have yours u8][candidates]: a peer that has ours does not answer.
-                let mut body = vec![u8::from(self.got_candidates)];
-                body.extend_from_slice(&self.path.candidates(addrs).encode());
-                self.relay.send(&self.peer, &frame(CANDIDATES, &body))?;
-            }
+        // Once STUN answered (or gave up: a relay with STUN off), with the local addresses too.
+        if self.reflexive.settled(now) && now >= self.next_candidates {
+            self.next_candidates = if self.got_candidates { Millis::MAX } else { now + 1_000 };
+            let addrs = local_candidates(self.relay.local_addr().ok(), self.reflexive.addr);
+            // [have yours u8][candidates]: a peer that has ours does not answer.
+            let mut body = vec![u8::from(self.got_candidates)];
+            body.extend_from_slice(&self.path.candidates(addrs).encode());
+            self.relay.send(&self.peer, &frame(CANDIDATES, &body))?;
         }
         if self.path.poll_timeout().is_some_and(|t| t <= now) {
             self.path.handle_timeout(now);
@@ -239,10 +227,7 @@ impl PeerLink {
     fn on_datagram(&mut self, from: SocketAddr, d: &[u8]) -> Result<(), ClientError> {
         let now = self.clock.now();
         if from == self.relay.relay_addr() {
-            if stun::is_stun(d) {
-                if let Some(a) = stun::mapped_address(d, &self.stun_tx) {
-                    self.reflexive = Some(a);
-                }
+            if self.reflexive.on_datagram(d) {
                 return Ok(());
             }
             let payload = match self.relay.accept(from, d) {

@@ -39,7 +39,7 @@ fn random<const N: usize>() -> [u8; N] {
 
 /// This tunnel's reflexive address, learned with a STUN Binding to the relay port from the
 /// relay socket itself (another socket would have another NAT mapping).
-pub(super) struct Reflexive {
+pub(crate) struct Reflexive {
     tx: [u8; 12],
     next: Millis,
     since: Millis,
@@ -82,14 +82,14 @@ impl Reflexive {
     }
 
     /// Whether candidates can go out: the reflexive address is known, or STUN is not answering.
-    fn settled(&self, now: Millis) -> bool {
+    pub fn settled(&self, now: Millis) -> bool {
         self.addr.is_some() || now >= self.since + STUN_PATIENCE
     }
 }
 
 /// This side's candidates: the reflexive address, then the host's own interface addresses with
 /// the socket's port (players behind one NAT reach each other on their LAN).
-pub(super) fn local_candidates(sock: Option<SocketAddr>, reflexive: Option<SocketAddr>) -> Vec<SocketAddr> {
+pub(crate) fn local_candidates(sock: Option<SocketAddr>, reflexive: Option<SocketAddr>) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = reflexive.into_iter().collect();
     let Some(sock) = sock else { return out };
     let ips = if sock.ip().is_unspecified() { interface_ips(sock.is_ipv4()) } else { vec![sock.ip()] };

@@ -22,7 +22,7 @@
 
 mod batch;
 pub mod cli;
-mod direct;
+pub(crate) mod direct;
 pub mod frame;
 mod host;
 mod join;
