@@ -256,14 +256,18 @@ impl Directory {
         window_ms: u64,
         unix_ms: u64,
     ) -> Result<Option<u64>, StoreError> {
-        let w = unix_ms / window_ms.max(1);
+        let window_ms = window_ms.max(1);
+        let w = unix_ms / window_ms;
         let key = k(&["rl", scope, subject, &w.to_string()]);
+        let prev = k(&["rl", scope, subject, &w.saturating_sub(1).to_string()]);
         // One round trip; no MULTI needed: the expiry is set after every increment, so a counter
         // never outlives its window by more than one window.
         let mut p = redis::pipe();
         p.cmd("INCR").arg(&key).cmd("PEXPIRE").arg(&key).arg(window_ms * 2).ignore();
-        let (n,): (u64,) = self.store.query("rate_limit", p).await?;
-        Ok((n > limit as u64).then(|| ((w + 1) * window_ms - unix_ms).div_ceil(1000).max(1)))
+        p.cmd("GET").arg(&prev);
+        let (n, before): (u64, Option<u64>) = self.store.query("rate_limit", p).await?;
+        let est = sliding(before.unwrap_or(0), n, unix_ms, window_ms);
+        Ok((est > limit as f64).then(|| ((w + 1) * window_ms - unix_ms).div_ceil(1000).max(1)))
     }
 
     /// Whether any of these budgets (`scope`, `subject`, `limit`, `window_ms`) is spent, without
@@ -277,12 +281,15 @@ impl Directory {
         for (scope, subject, _, window_ms) in budgets {
             let w = unix_ms / window_ms.max(&1);
             p.cmd("GET").arg(k(&["rl", scope, subject, &w.to_string()]));
+            p.cmd("GET").arg(k(&["rl", scope, subject, &w.saturating_sub(1).to_string()]));
         }
         let counts: Vec<Option<u64>> = self.store.query("rate_limit", p).await?;
         let mut wait = None;
-        for ((_, _, limit, window_ms), n) in budgets.iter().zip(counts) {
-            if n.unwrap_or(0) >= *limit as u64 {
-                let w = unix_ms / window_ms.max(&1);
+        for ((_, _, limit, window_ms), n) in budgets.iter().zip(counts.chunks(2)) {
+            let window_ms = (*window_ms).max(1);
+            let (cur, before) = (n.first().copied().flatten(), n.get(1).copied().flatten());
+            if sliding(before.unwrap_or(0), cur.unwrap_or(0), unix_ms, window_ms) >= *limit as f64 {
+                let w = unix_ms / window_ms;
                 let secs = ((w + 1) * window_ms - unix_ms).div_ceil(1000).max(1);
                 wait = Some(wait.map_or(secs, |x: u64| x.max(secs)));
             }
@@ -312,4 +319,26 @@ impl Directory {
 /// `{id}`: keys of one allocation share a Redis Cluster hash slot.
 fn tag(id: &str) -> String {
     format!("{{{id}}}")
+}
+
+/// The sliding-window estimate of a count over the last `window_ms`: the current window's count
+/// plus the previous window's, weighted by how much of it the sliding window still covers. A fixed
+/// window alone would let a caller spend its budget twice around each window boundary.
+fn sliding(previous: u64, current: u64, unix_ms: u64, window_ms: u64) -> f64 {
+    let into = (unix_ms % window_ms) as f64 / window_ms as f64;
+    previous as f64 * (1.0 - into) + current as f64
+}
+
+#[cfg(test)]
+mod sliding_tests {
+    use super::sliding;
+
+    #[test]
+    fn the_previous_window_counts_less_as_it_slides_away() {
+        assert_eq!(sliding(4, 0, 60_000, 60_000), 4.0, "at the boundary, all of it");
+        assert_eq!(sliding(4, 1, 90_000, 60_000), 3.0, "half way, half of it");
+        assert_eq!(sliding(0, 3, 119_999, 60_000), 3.0);
+        // Four failures just before a boundary and four just after: the estimate sees eight.
+        assert!(sliding(4, 4, 120_500, 60_000) > 7.9);
+    }
 }
