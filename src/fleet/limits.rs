@@ -1,4 +1,5 @@
-//! API rate limits shared by every API instance of a fleet (fixed windows in the directory), so
+//! API rate limits shared by every API instance of a fleet (window counters in the directory, read
+//! as a sliding window), so
 //! a client spreading requests over instances behind a load balancer gets no more than from one.
 //! When the directory cannot answer, each instance falls back to its own limiters.
 
