@@ -155,6 +155,9 @@ const KIND_ACK: u8 = 2;
 const TAG_LEN: usize = 16;
 /// Most candidates carried.
 pub const MAX_CANDIDATES: usize = 8;
+/// Bytes of game frames sent straight to the peer and not yet proven delivered that a path keeps
+/// to send again through the relay if the direct path turns out to have lost them.
+pub const MAX_UNPROVEN_BYTES: usize = 256 * 1024;
 
 fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
     match a.ip() {
@@ -221,14 +224,20 @@ impl Candidates {
     }
 }
 
-/// Drops duplicated and replayed sequence numbers (a 128-wide sliding window): the sender may put
-/// a datagram on both paths, and the receiver must deliver it once.
+/// Drops duplicated and replayed sequence numbers (a sliding window of [`REPLAY_WINDOW`]): the
+/// sender may put a datagram on both paths, or send it again through the relay, and the receiver
+/// must deliver it once.
 #[derive(Clone, Debug, Default)]
 pub struct ReplayWindow {
     top: u64,
-    seen: u128,
+    /// Bit `s % REPLAY_WINDOW` says whether `s` was seen, for `s` in `top - REPLAY_WINDOW + 1 ..= top`.
+    seen: [u64; REPLAY_WINDOW as usize / 64],
     started: bool,
 }
+
+/// Sequence numbers a receiver remembers behind the newest: a frame sent again through the relay
+/// after a direct path lost it may arrive this far behind (a few seconds of a 60 Hz game).
+pub const REPLAY_WINDOW: u64 = 1024;
 
 impl ReplayWindow {
     /// [`accept`](Self::accept) for a 32-bit sequence number that wraps (the tunnel's per-flow
@@ -249,24 +258,31 @@ impl ReplayWindow {
 
     /// Whether `seq` is new (and records it).
     pub fn accept(&mut self, seq: u64) -> bool {
-        if !self.started {
+        let bit = |s: u64| ((s % REPLAY_WINDOW / 64) as usize, 1u64 << (s % 64));
+        if !self.started || seq > self.top {
+            // Forget the numbers that fall out of the window (all of them after a long jump).
+            if !self.started || seq - self.top >= REPLAY_WINDOW {
+                self.seen = Default::default();
+            } else {
+                for s in self.top + 1..seq {
+                    let (w, m) = bit(s);
+                    self.seen[w] &= !m;
+                }
+            }
             self.started = true;
             self.top = seq;
-            self.seen = 1;
+            let (w, m) = bit(seq);
+            self.seen[w] |= m;
             return true;
         }
-        if seq > self.top {
-            let shift = seq - self.top;
-            self.seen = if shift >= 128 { 0 } else { self.seen << shift };
-            self.seen |= 1;
-            self.top = seq;
-            return true;
-        }
-        let back = self.top - seq;
-        if back >= 128 || self.seen & (1u128 << back) != 0 {
+        if self.top - seq >= REPLAY_WINDOW {
             return false;
         }
-        self.seen |= 1u128 << back;
+        let (w, m) = bit(seq);
+        if self.seen[w] & m != 0 {
+            return false;
+        }
+        self.seen[w] |= m;
         true
     }
 }
@@ -289,6 +305,8 @@ pub struct PathStats {
     pub last_reason: &'static str,
     /// Direct attempts sent (fast and upgrade).
     pub attempts: u32,
+    /// Game frames sent again through the relay because the direct path may have lost them.
+    pub resent: u64,
 }
 
 /// A datagram the path machine wants sent straight to `to` (a probe or an answer).
@@ -338,6 +356,19 @@ pub struct PeerPath {
     failure: Option<String>,
     out: std::collections::VecDeque<Transmit>,
     stats: PathStats,
+    /// Frames sent straight to the peer since the last proof, oldest first: (sent at, frame).
+    unproven: std::collections::VecDeque<(Millis, Vec<u8>)>,
+    unproven_bytes: usize,
+    /// Buffers of proven frames, reused.
+    spare: Vec<Vec<u8>>,
+    /// A round trip before the newest answered probe was sent: frames sent before it have arrived.
+    proof: Millis,
+    /// This side's address as the peer saw it in the last answer.
+    observed: Option<SocketAddr>,
+    /// Whether the frames of the current doubt were handed back already.
+    doubt_replayed: bool,
+    /// Frames to send again through the relay, in order.
+    resend: std::collections::VecDeque<Vec<u8>>,
 }
 
 impl PeerPath {
@@ -363,6 +394,69 @@ impl PeerPath {
             failure: None,
             out: Default::default(),
             stats: PathStats { route: "waiting", last_reason: "starting", ..Default::default() },
+            unproven: Default::default(),
+            unproven_bytes: 0,
+            spare: Vec::new(),
+            proof: now,
+            observed: None,
+            doubt_replayed: false,
+            resend: Default::default(),
+        }
+    }
+
+    /// Keeps a copy of a game frame just sent on [`Route::Direct`], until a probe answer proves
+    /// it arrived. If the direct path turns out to have lost it (no answer for `trust`, the
+    /// peer's address moved, or this side's did and the peer refused it), it comes back from
+    /// [`poll_resend`](Self::poll_resend) to be sent again; the peer's replay window drops what
+    /// did arrive. At most [`MAX_UNPROVEN_BYTES`] are kept (the oldest go first).
+    pub fn remember(&mut self, now: Millis, frame: &[u8]) {
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(frame);
+        self.unproven_bytes += buf.len();
+        self.unproven.push_back((now, buf));
+        while self.unproven_bytes > MAX_UNPROVEN_BYTES {
+            let Some((_, old)) = self.unproven.pop_front() else { break };
+            self.unproven_bytes -= old.len();
+            self.recycle(old);
+        }
+    }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < 64 {
+            self.spare.push(buf);
+        }
+    }
+
+    /// The next frame the direct path may have lost, to send again on the current route (like
+    /// any game frame: counted with [`on_sent`](Self::on_sent), and remembered again when it goes
+    /// direct). After a move to a peer's new address, or to this side's own new one, the route
+    /// is the new, just-proven direct path; in doubt it includes the relay.
+    pub fn poll_resend(&mut self) -> Option<Vec<u8>> {
+        self.resend.pop_front()
+    }
+
+    /// Hands back every kept frame sent after `after` for the relay, and forgets the rest.
+    fn replay(&mut self, after: Millis) {
+        while let Some((t, f)) = self.unproven.pop_front() {
+            self.unproven_bytes -= f.len();
+            if t >= after {
+                self.stats.resent += 1;
+                self.resend.push_back(f);
+            } else {
+                self.recycle(f);
+            }
+        }
+    }
+
+    /// A probe sent at `sent` was answered: what was sent before it has arrived.
+    fn proven(&mut self, sent: Millis) {
+        self.proof = self.proof.max(sent);
+        while self.unproven.front().is_some_and(|(t, _)| *t < self.proof) {
+            if let Some((_, f)) = self.unproven.pop_front() {
+                self.unproven_bytes -= f.len();
+                self.recycle(f);
+            }
         }
     }
 
@@ -571,6 +665,11 @@ impl PeerPath {
             }
             Phase::Direct => {
                 let silent = now.saturating_sub(self.last_ack);
+                if silent > self.cfg.trust && !self.doubt_replayed {
+                    // In doubt: what went only the direct way since the last proof may be lost.
+                    self.doubt_replayed = true;
+                    self.replay(self.proof);
+                }
                 if silent > self.cfg.trust + 2 * self.cfg.heartbeat {
                     // The mapping is gone (or the path broke): relay, and punch again.
                     self.direct = None;
@@ -591,12 +690,12 @@ impl PeerPath {
                     }
                     self.probe_all(now, &to);
                 }
-                self.next = now
-                    + self.cfg.heartbeat.min(if silent > self.cfg.trust {
-                        self.cfg.interval
-                    } else {
-                        Millis::MAX
-                    });
+                // Wake when the doubt begins, too, so lost frames go again at once.
+                self.next = if silent > self.cfg.trust {
+                    now + self.cfg.heartbeat.min(self.cfg.interval)
+                } else {
+                    (now + self.cfg.heartbeat).min(self.last_ack + self.cfg.trust + 1)
+                };
             }
         }
     }
@@ -651,6 +750,27 @@ impl PeerPath {
                 self.stats.rtt_direct_ms =
                     Some(ewma(self.stats.rtt_direct_ms, now.saturating_sub(sent) as f64));
                 self.last_ack = now;
+                self.doubt_replayed = false;
+                // The peer now sees us at a new address (our NAT moved us): what we sent from
+                // there before it proved itself was refused. Or our direct route moves to a new
+                // address of the peer's: what went to the old one since its last proof is lost.
+                // (Only answers on the route itself count: another candidate of the peer's may
+                // see us at another address.)
+                let seen_as = get_addr(&body[9..]).map(|(a, _)| a);
+                let on_route = self.direct == Some(from);
+                let moved =
+                    on_route && self.observed.is_some() && seen_as.is_some() && self.observed != seen_as;
+                let rerouted = self.direct.is_some_and(|d| d != from);
+                if moved || rerouted {
+                    self.replay(self.proof);
+                }
+                if on_route || rerouted || self.direct.is_none() {
+                    self.observed = seen_as;
+                }
+                // A frame sent shortly before the probe may still be in flight behind it (the
+                // network reorders): only what was sent a round trip before it counts as proven.
+                let rtt = now.saturating_sub(sent).max(20);
+                self.proven(sent.saturating_sub(rtt));
                 if self.phase != Phase::Direct || self.direct != Some(from) {
                     if self.stats.time_to_direct_ms.is_none() {
                         self.stats.time_to_direct_ms = Some(now - self.started);
@@ -733,9 +853,13 @@ mod tests {
         assert!(w.accept(12));
         assert!(w.accept(11));
         assert!(!w.accept(11));
-        assert!(w.accept(500));
-        assert!(!w.accept(300), "older than the window");
-        assert!(w.accept(499));
+        assert!(w.accept(2000));
+        assert!(!w.accept(2000 - REPLAY_WINDOW), "older than the window");
+        assert!(w.accept(1999));
+        assert!(w.accept(2000 - REPLAY_WINDOW + 1), "the oldest still inside");
+        assert!(w.accept(2005) && !w.accept(2005) && w.accept(2001));
+        // A jump past the whole window forgets it all.
+        assert!(w.accept(10_000) && w.accept(9_000) && !w.accept(9_000));
     }
 
     #[test]

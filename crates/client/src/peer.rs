@@ -120,6 +120,8 @@ impl PeerLink {
             Route::Relay => self.relay.send(&self.peer, f)?,
             Route::Direct(a) => {
                 self.relay.socket().send_to(f, a)?;
+                // Kept until proven, to go again through the relay if the path lost it.
+                self.path.remember(self.clock.now(), f);
             }
             Route::Both(a) => {
                 self.relay.socket().send_to(f, a)?;
@@ -203,6 +205,17 @@ impl PeerLink {
         }
         while let Some(t) = self.path.poll_transmit() {
             let _ = self.relay.socket().send_to(&t.data, t.to);
+        }
+        // What the direct path may have lost goes again on the current route.
+        while let Some(f) = self.path.poll_resend() {
+            if self.path.route(self.clock.now()) == Route::Hold {
+                if self.held.len() >= MAX_HELD {
+                    self.held.pop_front();
+                }
+                self.held.push_back(f);
+            } else {
+                self.put(&f)?;
+            }
         }
         loop {
             let (n, from) = match self.relay.socket().recv_from(&mut self.buf) {

@@ -59,6 +59,12 @@ impl SendBatch {
         BATCH - self.n
     }
 
+    /// The datagram pushed last.
+    pub fn last(&self) -> Option<&[u8]> {
+        let i = self.n.checked_sub(1)?;
+        Some(&self.bufs[i][..self.lens[i]])
+    }
+
     /// Appends a datagram that `write` puts into the next buffer; `dst` `None` on a connected
     /// socket. Returns false when full or when `write` declines.
     pub fn push(&mut self, dst: Option<SocketAddr>, write: impl FnOnce(&mut [u8]) -> Option<usize>) -> bool {

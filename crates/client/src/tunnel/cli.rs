@@ -371,6 +371,7 @@ mod status {
                 switches: v["switches"].as_u64().unwrap_or(0) as u32,
                 last_reason: leak(v["last_reason"].as_str().unwrap_or("")),
                 attempts: v["attempts"].as_u64().unwrap_or(0) as u32,
+                resent: v["resent"].as_u64().unwrap_or(0),
             },
         })
     }

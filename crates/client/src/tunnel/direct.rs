@@ -225,23 +225,24 @@ impl PeerDirect {
         match route {
             Route::Relay => r += u64::from(to_relay(tx, &mut len)),
             Route::Direct(a) | Route::Both(a) => {
-                d += u64::from(tx.push(Some(a), |b| {
+                let pushed = tx.push(Some(a), |b| {
                     let n = write(b)?;
                     len = n;
                     Some(n)
-                }));
+                });
+                d += u64::from(pushed);
                 if matches!(route, Route::Both(_)) {
                     r += u64::from(to_relay(tx, &mut len));
+                } else if let Some(f) = tx.last().filter(|_| pushed) {
+                    // Kept until proven, to go again through the relay if the path lost it.
+                    self.path.remember(now, f);
                 }
             }
             Route::Hold => {
                 let mut v = vec![0u8; MAX_RELAY_PAYLOAD];
                 if let Some(n) = write(&mut v) {
                     v.truncate(n);
-                    if self.held.len() >= MAX_HELD {
-                        self.held.pop_front();
-                    }
-                    self.held.push_back(v);
+                    self.hold(v);
                 }
             }
         }
@@ -256,24 +257,45 @@ impl PeerDirect {
             self.path.handle_timeout(now);
         }
         self.send_transmits(relay);
+        // What the direct path may have lost goes again on the current route (the peer drops
+        // what it already has).
+        while let Some(f) = self.path.poll_resend() {
+            if !self.put(now, relay, to, &f) {
+                self.hold(f);
+            }
+        }
         while !self.held.is_empty() && self.path.route(now) != Route::Hold {
             let Some(f) = self.held.pop_front() else { break };
-            let route = self.path.route(now);
-            match route {
-                Route::Relay => {
-                    let _ = relay.send(to, &f);
-                }
-                Route::Direct(a) => {
-                    let _ = relay.socket().send_to(&f, a);
-                }
-                Route::Both(a) => {
-                    let _ = relay.socket().send_to(&f, a);
-                    let _ = relay.send(to, &f);
-                }
-                Route::Hold => {}
-            }
-            self.path.on_sent(route, f.len());
+            self.put(now, relay, to, &f);
         }
+    }
+
+    fn hold(&mut self, f: Vec<u8>) {
+        if self.held.len() >= MAX_HELD {
+            self.held.pop_front();
+        }
+        self.held.push_back(f);
+    }
+
+    /// Sends one frame on the current route, outside a batch; false when there is none yet.
+    fn put(&mut self, now: Millis, relay: &mut RelayClient, to: &AllocationId, f: &[u8]) -> bool {
+        let route = self.path.route(now);
+        match route {
+            Route::Relay => {
+                let _ = relay.send(to, f);
+            }
+            Route::Direct(a) => {
+                let _ = relay.socket().send_to(f, a);
+                self.path.remember(now, f);
+            }
+            Route::Both(a) => {
+                let _ = relay.socket().send_to(f, a);
+                let _ = relay.send(to, f);
+            }
+            Route::Hold => return false,
+        }
+        self.path.on_sent(route, f.len());
+        true
     }
 
     /// Sends what the path machine wants sent straight to the peer (probes, answers).
