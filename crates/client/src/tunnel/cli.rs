@@ -140,9 +140,12 @@ pub fn describe_path(s: &super::PeerStatus) -> String {
         Some(a) if st.route != "relay" => format!("{} {a}", st.route),
         _ => st.route.to_string(),
     };
-    let ttd = st
+    let mut ttd = st
         .time_to_direct_ms
         .map_or_else(String::new, |t| format!("; direct after {:.1} s", t as f64 / 1000.0));
+    if st.resent > 0 {
+        ttd.push_str(&format!("; {} sent again after a direct path lost them", st.resent));
+    }
     format!(
         "path to {}: {route} ({}); rtt direct {}, relay {}; bytes direct {}, relay {}; {} switch(es){ttd}",
         s.peer,
