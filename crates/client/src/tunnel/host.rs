@@ -345,10 +345,8 @@ impl HostTunnel {
             for k in 0..n {
                 let (data, _) = io.rx.get(k);
                 let g = GameOut { to: &fl.player, port: fl.port, flow: fl.flow, data };
-                frame_out(&mut io.tx, &self.relay, &mut p.direct, now, g, &mut fl.out, ctl, events);
-                if io.tx.room() < 2 {
-                    flush_tx(&mut io.tx, &self.poller, &mut self.relay)?;
-                }
+                let (poller, relay) = (&self.poller, &mut self.relay);
+                frame_out(&mut io.tx, poller, relay, &mut p.direct, now, g, &mut fl.out, ctl, events)?;
             }
         }
         flush_tx(&mut io.tx, &self.poller, &mut self.relay)?;

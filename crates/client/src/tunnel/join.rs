@@ -397,10 +397,8 @@ impl JoinTunnel {
                 let Some(fl) = self.flows.get_mut(&flow) else { continue };
                 fl.last = now;
                 let g = GameOut { to: &self.host, port: port8, flow, data };
-                frame_out(&mut io.tx, &self.relay, &mut self.direct, now, g, &mut fl.out, ctl, events);
-                if io.tx.room() < 2 {
-                    flush_tx(&mut io.tx, &self.poller, &mut self.relay)?;
-                }
+                let (poller, relay) = (&self.poller, &mut self.relay);
+                frame_out(&mut io.tx, poller, relay, &mut self.direct, now, g, &mut fl.out, ctl, events)?;
             }
         }
         flush_tx(&mut io.tx, &self.poller, &mut self.relay)?;

@@ -302,18 +302,20 @@ struct GameOut<'a> {
 
 /// Frames one game datagram of a flow into `tx` on the peer's current route (relay, direct or
 /// both), holds it while the policy waits for a path, or drops it when it is over
-/// [`frame::MAX_GAME_DATAGRAM`] (counted, and reported once per flow).
+/// [`frame::MAX_GAME_DATAGRAM`] (counted, and reported once per flow); sends the batch when
+/// it is nearly full.
 #[allow(clippy::too_many_arguments)]
 fn frame_out(
     tx: &mut batch::SendBatch,
-    relay: &crate::RelayClient,
+    poller: &poller::Poller,
+    relay: &mut crate::RelayClient,
     peer: &mut direct::PeerDirect,
     now: crate::clock::Millis,
     g: GameOut<'_>,
     out: &mut FlowOut,
     ctl: &TunnelControl,
     events: &mut dyn FnMut(TunnelEvent),
-) {
+) -> std::io::Result<()> {
     let GameOut { to, port, flow, data } = g;
     if data.len() > frame::MAX_GAME_DATAGRAM {
         ctl.stats.oversize.fetch_add(1, Ordering::Relaxed);
@@ -321,13 +323,18 @@ fn frame_out(
             out.oversize_reported = true;
             events(TunnelEvent::Oversize { port, flow, len: data.len() });
         }
-        return;
+        return Ok(());
     }
     out.seq = out.seq.wrapping_add(1);
     let seq = out.seq;
     let (r, d) = peer.route_data(now, tx, relay, to, |p| frame::write_data(p, port, flow, seq, data));
     ctl.stats.to_relay.fetch_add(r, Ordering::Relaxed);
     ctl.stats.to_direct.fetch_add(d, Ordering::Relaxed);
+    // Room for the next frame on both paths, or send what is gathered now.
+    if tx.room() < 2 {
+        flush_tx(tx, poller, relay)?;
+    }
+    Ok(())
 }
 
 /// Sends the frames gathered for the relay in one batch.
