@@ -29,6 +29,7 @@ pub mod serve;
 pub mod shard;
 pub mod steer;
 pub mod timer;
+pub mod xdp;
 
 // The formats and the client side live in their own crates (`crates/proto`, `crates/client`),
 // which a game can use without the server; re-exported here under their familiar paths.

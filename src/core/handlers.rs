@@ -74,7 +74,7 @@ impl Core {
             Found::TimedOut => return Err(ErrorCode::AllocationTimedOut),
             Found::Unknown => return Err(ErrorCode::AllocationNotFound),
         };
-        if now >= self.deadline(i) {
+        if self.lapsed(i, now) {
             self.release(i, ReleaseReason::TimedOut);
             return Err(ErrorCode::AllocationTimedOut);
         }
@@ -85,6 +85,7 @@ impl Core {
         s.last_seen = now;
         if s.budget != CONFIRMED {
             s.budget = CONFIRMED;
+            self.links_changed(i);
         }
         Ok(i)
     }
@@ -93,7 +94,7 @@ impl Core {
     #[inline]
     fn peer(&mut self, now: Millis, id: &AllocationId) -> Option<u32> {
         match self.table.find(id) {
-            Found::Live(i) if now >= self.deadline(i) => {
+            Found::Live(i) if self.lapsed(i, now) => {
                 self.release(i, ReleaseReason::TimedOut);
                 None
             }
@@ -213,7 +214,7 @@ impl Core {
         let bind = Bind::new_checked(&*buf).expect("checked above");
         // A timed-out allocation gets ERROR 1 here as for every other message.
         let i = match self.table.find(&id) {
-            Found::Live(i) if now >= self.deadline(i) => {
+            Found::Live(i) if self.lapsed(i, now) => {
                 self.release(i, ReleaseReason::TimedOut);
                 return self.error(now, src, buf, id, ErrorCode::AllocationTimedOut);
             }
@@ -252,6 +253,7 @@ impl Core {
                 }
                 self.events.push_back(Event::Bound { id, addr: src, moved });
                 self.rearm(i);
+                self.links_changed(i);
             }
         }
         match buf.get_mut(..4).and_then(|b| <&mut [u8; 4]>::try_from(b).ok()) {
@@ -301,6 +303,7 @@ impl Core {
             }
             self.stats.connects_accepted += 1;
             self.events.push_back(Event::Connected { host: tid, joiner: rid });
+            self.links_changed(r);
             if count == 0 {
                 self.rearm(host);
             }
@@ -342,6 +345,7 @@ impl Core {
         if let Role::Host { linked, .. } = &mut self.table.slots[host as usize].role {
             *linked -= 1;
         }
+        self.links_changed(joiner);
         match self.table.slots[t as usize].bound {
             Some(addr) => Action::Forward(addr),
             None => Action::Consumed,

@@ -22,6 +22,7 @@
 mod control;
 mod fleet;
 mod handlers;
+mod kernel;
 mod limiter;
 mod policy;
 mod qos;
@@ -31,6 +32,7 @@ mod table;
 
 pub use control::{AllocationInfo, Control, ControlError, ControlReply, Created, Entropy, Event, Reconfig};
 pub use fleet::{BindReject, FleetRelay};
+pub use kernel::{KernelCheck, LinkOp};
 pub use limiter::Rate;
 pub use policy::{canonical_ip, AddressPolicy, Cidr};
 pub use qos::QosOutcome;
@@ -102,6 +104,8 @@ pub struct CoreConfig {
     pub qos_rate_global: Rate,
     /// Fleet mode: allocations are minted by API instances and admitted at BIND.
     pub fleet: Option<FleetRelay>,
+    /// Publish established links for the kernel fast path ([`Core::poll_link_op`]).
+    pub kernel_links: bool,
 }
 
 impl CoreConfig {
@@ -129,6 +133,7 @@ impl CoreConfig {
             qos_rate_per_ip: Rate { per_sec: 10, burst: 20 },
             qos_rate_global: Rate { per_sec: 20_000, burst: 20_000 },
             fleet: None,
+            kernel_links: false,
         }
     }
 }
@@ -174,6 +179,8 @@ pub struct Core {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     fired: Vec<u32>,
+    link_ops: VecDeque<LinkOp>,
+    kernel_checks: VecDeque<KernelCheck>,
     /// The latest time the core was driven with (for work that has no `now` of its own).
     now: Millis,
 }
@@ -200,6 +207,8 @@ impl Core {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             fired: Vec::new(),
+            link_ops: VecDeque::new(),
+            kernel_checks: VecDeque::new(),
             cfg,
         }
     }
@@ -264,6 +273,7 @@ impl Core {
                     mine.keys = new.keys;
                     mine.unix_at_zero = new.unix_at_zero;
                 }
+                self.resync_links();
                 Ok(ControlReply::Released)
             }
         }
@@ -303,7 +313,7 @@ impl Core {
         joiner: Option<AllocationId>,
     ) -> Result<u32, ControlError> {
         let h = match self.table.find(host) {
-            table::Found::Live(h) if now < self.deadline(h) => h,
+            table::Found::Live(h) if !self.lapsed(h, now) => h,
             _ => return Err(ControlError::HostNotFound),
         };
         let Role::Host { first_joiner, .. } = self.table.slots[h as usize].role else {
@@ -365,7 +375,7 @@ impl Core {
             table::Found::Live(h) => h,
             _ => return Err(ControlError::HostNotFound),
         };
-        if now >= self.deadline(h) {
+        if self.lapsed(h, now) {
             self.release(h, ReleaseReason::TimedOut);
             return Err(ControlError::HostNotFound);
         }
@@ -449,7 +459,9 @@ impl Core {
                 continue;
             }
             let deadline = self.deadline(i);
-            if now >= deadline {
+            if now >= deadline && self.table.slots[i as usize].kernel > 0 {
+                self.check_kernel(now, i);
+            } else if now >= deadline {
                 self.release(i, ReleaseReason::TimedOut);
             } else {
                 self.table.slots[i as usize].timer = self.wheel.insert(deadline, i);
@@ -490,6 +502,19 @@ impl Core {
     /// Releases `i`. A host first sends DISCONNECT to each linked peer and takes every joiner of
     /// its session with it; a joiner leaves its host's session.
     fn release(&mut self, i: u32, reason: ReleaseReason) {
+        // The kernel stops forwarding for `i` before anything else happens to it.
+        match self.table.slots[i as usize].role {
+            Role::Joiner { .. } => self.unpublish(i),
+            Role::Host { first_joiner, .. } if self.table.slots[i as usize].kernel > 0 => {
+                let mut j = first_joiner;
+                while j != NIL {
+                    let Role::Joiner { next, .. } = self.table.slots[j as usize].role else { break };
+                    self.unpublish(j);
+                    j = next;
+                }
+            }
+            Role::Host { .. } => {}
+        }
         let slot = self.table.slots[i as usize].clone();
         self.wheel.cancel(slot.timer);
         match slot.role {

@@ -47,6 +47,9 @@ pub(crate) struct Slot {
     pub budget: u32,
     /// Bytes of RELAY traffic this allocation's client has sent (for operators' listings).
     pub rx_bytes: u64,
+    /// Links of this allocation published to the kernel fast path (a joiner's 0 or 1, a host's
+    /// count). While non-zero its last traffic may be known only to the kernel.
+    pub kernel: u16,
 }
 
 /// `Slot::budget` of an address that has sent something other than a BIND.
@@ -277,6 +280,7 @@ impl Table {
                 next_free: NIL,
                 budget: 0,
                 rx_bytes: 0,
+                kernel: 0,
             });
             self.keys.push(PreKeyedHmac::new(&[0; 64]));
             (self.slots.len() - 1) as u32
@@ -303,6 +307,7 @@ impl Table {
             next_free: NIL,
             budget: 0,
             rx_bytes: 0,
+            kernel: 0,
         };
         self.live += 1;
         Some(idx)

@@ -1,0 +1,273 @@
+//! The kernel fast path (`docs/fastpath.md`): `bpf/ferry_xdp.c`, attached to the relay's
+//! interface, forwards RELAYs between linked allocations from the NIC driver; everything else
+//! reaches the relay as before.
+//!
+//! Userspace owns the program's maps. The core says which links are established
+//! ([`crate::core::LinkOp`]); each shard applies its core's ops through a [`LinkMap`] before it
+//! sends anything those ops' datagrams produced, so the kernel only ever holds links the core
+//! still has, at the addresses the core has. When the core's timer finds a linked allocation
+//! past its deadline, the shard reads the link's counters ([`LinkMap::last_seen_ms_ago`]) so idle
+//! timeouts count the traffic only the kernel saw.
+//!
+//! The program's decision is mirrored by [`twin::decide`], which the tests hold against both the
+//! loaded program and the core.
+
+pub mod frames;
+pub mod layout;
+pub mod sys;
+pub mod twin;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::core::LinkOp;
+use layout::{Endpoint, Link, LinkCounters, L2};
+use sys::RawMap;
+use twin::Reason;
+
+/// The compiled program (`bpf/build` makes it from `bpf/ferry_xdp.c`; CI checks they match).
+static OBJECT: &[u8] = aya::include_bytes_aligned!("../../bpf/ferry_xdp.o");
+
+/// `xdp = off | generic | native`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// No fast path: every datagram goes through userspace.
+    #[default]
+    Off,
+    /// The kernel's generic XDP hook (any driver; slower than native, for trying it out).
+    Generic,
+    /// In the driver (the point of the fast path; the driver must support XDP).
+    Native,
+}
+
+impl std::str::FromStr for XdpMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" => Ok(Self::Off),
+            "generic" | "skb" => Ok(Self::Generic),
+            "native" | "driver" => Ok(Self::Native),
+            _ => Err(format!("`{s}` is not one of off, generic, native")),
+        }
+    }
+}
+
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XdpMode::Off => "off",
+            XdpMode::Generic => "generic",
+            XdpMode::Native => "native",
+        })
+    }
+}
+
+/// The program loaded with its maps, attached or not.
+pub struct Program {
+    ebpf: aya::Ebpf,
+    links: Arc<RawMap>,
+    config: RawMap,
+    stats: RawMap,
+    cpus: usize,
+}
+
+impl Program {
+    /// Loads the program (not attached) with room for `max_links` directed links, relaying to
+    /// the clients of a relay listening on `listen`.
+    pub fn load(max_links: u32, listen: &[Endpoint], l2: L2) -> io::Result<Self> {
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries("links", max_links.max(1))
+            .load(OBJECT)
+            .map_err(|e| io::Error::other(format!("loading bpf/ferry_xdp.o: {e}")))?;
+        {
+            let prog: &mut aya::programs::Xdp = ebpf
+                .program_mut("ferry_xdp")
+                .ok_or_else(|| io::Error::other("bpf/ferry_xdp.o has no ferry_xdp"))?
+                .try_into()
+                .map_err(|e| io::Error::other(format!("ferry_xdp: {e}")))?;
+            prog.load().map_err(|e| io::Error::other(format!("the verifier refused ferry_xdp: {e}")))?;
+        }
+        let map = |name: &str, k: usize, v: usize| -> io::Result<RawMap> {
+            let m = ebpf.map(name).ok_or_else(|| io::Error::other(format!("no map {name}")))?;
+            let fd = match m {
+                aya::maps::Map::HashMap(d) | aya::maps::Map::Array(d) | aya::maps::Map::PerCpuArray(d) => {
+                    d.fd().as_fd()
+                }
+                _ => return Err(io::Error::other(format!("map {name} has an unexpected type"))),
+            };
+            RawMap::new(fd, k, v)
+        };
+        let links = Arc::new(map("links", layout::KEY_SIZE, layout::LINK_SIZE)?);
+        let config = map("config", 4, layout::CONFIG_SIZE)?;
+        let stats = map("stats", 4, layout::COUNTER_SIZE)?;
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| io::Error::other(format!("{what}: {e}")))?;
+        let p = Self { ebpf, links, config, stats, cpus };
+        p.configure(listen, l2)?;
+        Ok(p)
+    }
+
+    /// Sets where the relay listens and how next hops are found.
+    pub fn configure(&self, listen: &[Endpoint], l2: L2) -> io::Result<()> {
+        self.config.update(&0u32.to_ne_bytes(), &layout::config(listen, l2))
+    }
+
+    /// The program's file descriptor (for `BPF_PROG_TEST_RUN`).
+    pub fn fd(&self) -> io::Result<BorrowedFd<'_>> {
+        let prog: &aya::programs::Xdp = self
+            .ebpf
+            .program("ferry_xdp")
+            .ok_or_else(|| io::Error::other("no ferry_xdp"))?
+            .try_into()
+            .map_err(|e| io::Error::other(format!("ferry_xdp: {e}")))?;
+        Ok(prog.fd().map_err(|e| io::Error::other(e.to_string()))?.as_fd())
+    }
+
+    /// The links map itself (tests write entries the core would never make).
+    pub fn raw_links(&self) -> &RawMap {
+        &self.links
+    }
+
+    /// A handle on the links map for a shard.
+    pub fn links(&self) -> LinkMap {
+        LinkMap { map: self.links.clone(), stats: Arc::new(LinkMapStats::default()) }
+    }
+
+    /// Packets and bytes per [`Reason`], summed over CPUs.
+    pub fn counters(&self) -> io::Result<Vec<(Reason, u64, u64)>> {
+        let mut buf = vec![0u8; layout::COUNTER_SIZE * self.cpus];
+        let mut out = Vec::with_capacity(Reason::ALL.len());
+        for r in Reason::ALL {
+            buf.fill(0);
+            self.stats.lookup(&(r as u32).to_ne_bytes(), &mut buf)?;
+            let (mut p, mut b) = (0u64, 0u64);
+            for c in buf.chunks_exact(layout::COUNTER_SIZE) {
+                p += u64::from_ne_bytes(c[..8].try_into().expect("8 bytes"));
+                b += u64::from_ne_bytes(c[8..].try_into().expect("8 bytes"));
+            }
+            out.push((r, p, b));
+        }
+        Ok(out)
+    }
+
+    /// Attaches to `interface` in `mode`.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> io::Result<()> {
+        let flags = match mode {
+            XdpMode::Off => return Ok(()),
+            XdpMode::Generic => aya::programs::XdpMode::Skb,
+            XdpMode::Native => aya::programs::XdpMode::Driver,
+        };
+        let prog: &mut aya::programs::Xdp = self
+            .ebpf
+            .program_mut("ferry_xdp")
+            .ok_or_else(|| io::Error::other("no ferry_xdp"))?
+            .try_into()
+            .map_err(|e| io::Error::other(format!("ferry_xdp: {e}")))?;
+        prog.attach(interface, flags).map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            io::Error::other(msg)
+        })?;
+        Ok(())
+    }
+}
+
+/// The fast path of a running relay: the attached program (detached when this is dropped).
+pub struct FastPath {
+    pub program: Program,
+    pub interface: String,
+    pub mode: XdpMode,
+}
+
+impl FastPath {
+    /// Loads and attaches. On error the relay carries on in userspace (the caller logs why).
+    pub fn start(interface: &str, mode: XdpMode, listen: SocketAddr, max_links: u32) -> io::Result<Self> {
+        let mut program = Program::load(max_links, &Endpoint::for_listen(listen), L2::Fib)?;
+        program.attach(interface, mode)?;
+        Ok(Self { program, interface: interface.to_string(), mode })
+    }
+}
+
+/// Counters of a shard's map updates.
+#[derive(Debug, Default)]
+pub struct LinkMapStats {
+    pub ups: AtomicU64,
+    pub downs: AtomicU64,
+    /// Links the kernel cannot carry (the two ends in different address families).
+    pub mixed_family: AtomicU64,
+    /// Updates the kernel refused (the map is full); those links stay in userspace.
+    pub errors: AtomicU64,
+}
+
+/// A shard's handle on the links map.
+#[derive(Clone, Debug)]
+pub struct LinkMap {
+    map: Arc<RawMap>,
+    pub stats: Arc<LinkMapStats>,
+}
+
+impl LinkMap {
+    /// Applies one op of the core: two entries (one per direction) up or down.
+    pub fn apply(&self, op: &LinkOp) {
+        match *op {
+            LinkOp::Up { host, host_addr, joiner, joiner_addr } => {
+                let (Some(hj), Some(jh)) =
+                    (Link::new(host_addr, joiner_addr), Link::new(joiner_addr, host_addr))
+                else {
+                    self.stats.mixed_family.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                let a = self.map.update(&layout::link_key(&host, &joiner), &hj.encode());
+                let b = self.map.update(&layout::link_key(&joiner, &host), &jh.encode());
+                if a.is_err() || b.is_err() {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    // Half a link is no use; the pair stays in userspace.
+                    let _ = self.map.delete(&layout::link_key(&host, &joiner));
+                    let _ = self.map.delete(&layout::link_key(&joiner, &host));
+                    return;
+                }
+                self.stats.ups.fetch_add(1, Ordering::Relaxed);
+            }
+            LinkOp::Down { host, joiner } => {
+                let a = self.map.delete(&layout::link_key(&host, &joiner));
+                let b = self.map.delete(&layout::link_key(&joiner, &host));
+                if a.is_err() || b.is_err() {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                self.stats.downs.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The counters of the (from, to) entry, if it is in the map.
+    pub fn counters(
+        &self,
+        from: &crate::wire::AllocationId,
+        to: &crate::wire::AllocationId,
+    ) -> Option<LinkCounters> {
+        let mut v = [0u8; layout::LINK_SIZE];
+        match self.map.lookup(&layout::link_key(from, to), &mut v) {
+            Ok(true) => Some(LinkCounters::decode(&v)),
+            _ => None,
+        }
+    }
+
+    /// How long ago the kernel last forwarded a RELAY for (from, to), in milliseconds; None if
+    /// it never did (or the entry is gone).
+    pub fn last_seen_ms_ago(
+        &self,
+        from: &crate::wire::AllocationId,
+        to: &crate::wire::AllocationId,
+    ) -> Option<u64> {
+        let c = self.counters(from, to)?;
+        (c.packets > 0).then(|| sys::monotonic_ns().saturating_sub(c.last_ns) / 1_000_000)
+    }
+}
