@@ -1,6 +1,10 @@
 //! Bodies shared by the fuzz targets (`fuzz/`) and the property tests: each takes arbitrary
 //! bytes, drives a parser or the core, and panics if an invariant breaks.
 
+mod fastpath;
+
+pub use fastpath::{fastpath_sequence, Exercised};
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 

@@ -55,6 +55,11 @@ proptest! {
     }
 
     #[test]
+    fn fastpath_sequence(data in prop::collection::vec(any::<u8>(), 0..1500)) {
+        harness::fastpath_sequence(&data);
+    }
+
+    #[test]
     fn stun_view(data in prop::collection::vec(any::<u8>(), 0..600)) {
         harness::stun_view(&data);
     }
@@ -109,4 +114,26 @@ proptest! {
     fn core_sequence(data in prop::collection::vec(any::<u8>(), 0..1500)) {
         harness::core_sequence(&data);
     }
+}
+
+/// The fast-path body reaches what it checks: over many random runs the twin forwards frames,
+/// the kernel alone carries some, links come and go, and the core asks the kernel before
+/// expiring a linked allocation.
+#[test]
+fn fastpath_sequence_reaches_the_kernel_paths() {
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = prop::collection::vec(any::<u8>(), 200..1500);
+    let mut total = harness::Exercised::default();
+    for _ in 0..300 {
+        let data = proptest::strategy::ValueTree::current(&strategy.new_tree(&mut runner).unwrap());
+        let e = harness::fastpath_sequence(&data);
+        total.forwarded += e.forwarded;
+        total.kernel_only += e.kernel_only;
+        total.links_up += e.links_up;
+        total.links_down += e.links_down;
+        total.kernel_checks += e.kernel_checks;
+    }
+    println!("{total:?}");
+    assert!(total.forwarded > 50 && total.kernel_only > 10, "{total:?}");
+    assert!(total.links_up > 20 && total.links_down > 20 && total.kernel_checks > 0, "{total:?}");
 }

@@ -66,6 +66,15 @@ impl Core {
         }
     }
 
+    /// Traffic the kernel carried for `id` up to `at`, read from a link's counters before the
+    /// link was deleted: it counts toward `id`'s idle timeout like traffic the core saw.
+    pub fn kernel_activity(&mut self, id: &AllocationId, at: Millis) {
+        if let super::table::Found::Live(i) = self.table.find(id) {
+            let s = &mut self.table.slots[i as usize];
+            s.last_seen = s.last_seen.max(at.min(self.now));
+        }
+    }
+
     /// Withdraws every published link and stops publishing (drain, or a fast path that went
     /// away). Forwarding carries on in userspace.
     pub fn withdraw_links(&mut self) {
