@@ -210,8 +210,10 @@ static __always_inline int routable(struct xdp_md *ctx, const struct config *cfg
 {
     if (cfg->mode == MODE_REFLECT)
         return 1;
+    // As the relay's own datagram from its own address (an output route): the stack would
+    // send it the same way, and the host need not forward packets for this to work.
     fib->ifindex = ctx->ingress_ifindex;
-    return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) == BPF_FIB_LKUP_RET_SUCCESS;
+    return bpf_fib_lookup(ctx, fib, sizeof(*fib), BPF_FIB_LOOKUP_OUTPUT) == BPF_FIB_LKUP_RET_SUCCESS;
 }
 
 // Fills the MACs and sends. Returns the XDP verdict, counted.

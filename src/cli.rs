@@ -451,6 +451,15 @@ pub struct ServeArgs {
     /// Deadline of each fleet directory operation [default: 1s].
     #[arg(long, env = "FERRY_STORE_TIMEOUT", value_parser = duration_arg)]
     pub store_timeout: Option<Duration>,
+    /// The kernel fast path: off, generic or native XDP on `--xdp-interface` [default: off].
+    #[arg(long, env = "FERRY_XDP")]
+    pub xdp: Option<crate::xdp::XdpMode>,
+    /// The interface the relay's traffic arrives on (for `--xdp`).
+    #[arg(long, env = "FERRY_XDP_INTERFACE")]
+    pub xdp_interface: Option<String>,
+    /// Linked pairs the fast path holds at once; more stay in userspace [default: 131072].
+    #[arg(long, env = "FERRY_XDP_MAX_LINKS")]
+    pub xdp_max_links: Option<u32>,
 }
 
 /// A boolean in the TOML file: `true`, `1`, `"yes"`, `"on"`, …
@@ -562,6 +571,9 @@ struct FileConfig {
     heartbeat_expiry: Option<FileDuration>,
     relay_warmup: Option<FileDuration>,
     store_timeout: Option<FileDuration>,
+    xdp: Option<String>,
+    xdp_interface: Option<String>,
+    xdp_max_links: Option<u32>,
 }
 
 fn file_duration(key: &str, d: Option<FileDuration>) -> Result<Option<Duration>, ConfigError> {
@@ -722,6 +734,15 @@ impl ServeArgs {
             let key = crate::auth::AllocationKey::from_base64(s.trim())
                 .ok_or_else(|| err("relay_secret", "must be the base64 of exactly 64 bytes"))?;
             c.relay_secret = key.0;
+        }
+        c.xdp = match (self.xdp, file.xdp) {
+            (Some(m), _) => m,
+            (None, Some(s)) => s.parse().map_err(|m: String| err("xdp", m))?,
+            (None, None) => c.xdp,
+        };
+        c.xdp_interface = self.xdp_interface.or(file.xdp_interface);
+        if let Some(n) = self.xdp_max_links.or(file.xdp_max_links) {
+            c.xdp_max_links = n;
         }
         c.validate()
     }

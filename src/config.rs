@@ -218,6 +218,12 @@ pub struct Config {
     pub heartbeat_expiry: Duration,
     pub relay_warmup: Duration,
     pub store_timeout: Duration,
+    /// The kernel fast path (`docs/fastpath.md`): off, or attached in generic or native mode.
+    pub xdp: crate::xdp::XdpMode,
+    /// The interface the relay's traffic arrives on, which the fast path attaches to.
+    pub xdp_interface: Option<String>,
+    /// Linked pairs the fast path holds at once (more stay in userspace).
+    pub xdp_max_links: u32,
 }
 
 /// A configuration error that names its key.
@@ -326,6 +332,9 @@ impl Config {
             heartbeat_expiry: Duration::from_secs(3),
             relay_warmup: Duration::from_secs(3),
             store_timeout: Duration::from_secs(1),
+            xdp: crate::xdp::XdpMode::Off,
+            xdp_interface: None,
+            xdp_max_links: 131_072,
         }
     }
 
@@ -443,6 +452,20 @@ impl Config {
         }
         if self.store_timeout < Duration::from_millis(10) || self.store_timeout > Duration::from_secs(30) {
             return Err(err("store_timeout", "must be between 10ms and 30s"));
+        }
+        if self.xdp != crate::xdp::XdpMode::Off {
+            let Some(ifname) = &self.xdp_interface else {
+                return Err(err(
+                    "xdp_interface",
+                    format!("required with xdp = {} (the relay's interface)", self.xdp),
+                ));
+            };
+            if crate::xdp::if_index(ifname).is_none() {
+                return Err(err("xdp_interface", format!("no interface named `{ifname}` here")));
+            }
+        }
+        if !(1..=16_777_216).contains(&self.xdp_max_links) {
+            return Err(err("xdp_max_links", "must be between 1 and 16777216"));
         }
         if let Some(r) = self.regions.iter().find(|r| r.trim().is_empty()) {
             return Err(err("regions", format!("`{r}` is not a region ID")));

@@ -45,6 +45,8 @@ pub struct Running {
     pub agent: Option<Arc<crate::fleet::agent::Agent>>,
     /// A fleet relay's identity (its name and this boot's epoch).
     fleet_relay: Option<(String, u32)>,
+    /// The kernel fast path, while attached (dropping it detaches the program).
+    fastpath: Option<crate::xdp::FastPath>,
 }
 
 /// The relay's own socket addresses: every local address at the relay's port when it listens on
@@ -220,6 +222,9 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
         kernel_steering,
         io,
         gso,
+        xdp,
+        xdp_interface,
+        xdp_max_links,
         control_socket,
         control_listen,
         control_secret,
@@ -368,6 +373,30 @@ impl Running {
             ),
             false => None,
         };
+        let fastpath = match (&cfg.xdp, &cfg.xdp_interface) {
+            (crate::xdp::XdpMode::Off, _) | (_, None) => None,
+            (&mode, Some(ifname)) if cfg.shards > 0 => {
+                match crate::xdp::FastPath::start(
+                    ifname,
+                    mode,
+                    relay_addr,
+                    cfg.xdp_max_links.saturating_mul(2),
+                ) {
+                    Ok(f) => {
+                        tracing::info!(interface = %ifname, %mode, "kernel fast path attached");
+                        Some(f)
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            interface = %ifname, %mode, error = %e,
+                            "the kernel fast path could not be attached; relaying in userspace only"
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let dtls_cfg = crate::secure::dtls::DtlsConfig {
             mtu: cfg.dtls_mtu,
             max_halfopen_per_ip: cfg.dtls_halfopen_per_ip,
@@ -390,6 +419,7 @@ impl Running {
                 uring,
                 gso: cfg.gso,
                 dtls: dtls.clone().map(|ctx| (ctx, dtls_cfg.clone())),
+                links: fastpath.as_ref().map(|f| f.links()),
             })
             .collect();
         let (handles, threads) = spawn_all(setups)?;
@@ -617,6 +647,14 @@ impl Running {
         if let Some(a) = &agent {
             let _ = state.agent.set(a.clone());
         }
+        state.xdp = match fastpath.as_ref().map(|f| f.observer()) {
+            Some(Ok(o)) => Some(Arc::new(o)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "the kernel fast path's counters cannot be read; /metrics leaves them out");
+                None
+            }
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(cfg.api_listen)
             .await
             .map_err(|e| with_context(e, "cannot bind api_listen", cfg.api_listen))?;
@@ -729,6 +767,7 @@ impl Running {
             _port_claim: port_claim,
             agent,
             fleet_relay: fleet.map(|f| (f.0, f.1)),
+            fastpath,
         })
     }
 
@@ -823,6 +862,11 @@ impl Running {
     pub fn start_draining(&self) {
         if let Some(a) = &self.agent {
             a.start_draining();
+        }
+        if self.fastpath.is_some() {
+            // The last minutes of a relay's sessions go through userspace, so nothing is left
+            // in the kernel's hands when the process exits.
+            self.relay.withdraw_links();
         }
         self.service.start_draining();
     }

@@ -54,6 +54,8 @@ pub struct ApiState {
     pub relay_role: bool,
     /// A fleet relay's directory agent (for its metrics).
     pub agent: Arc<std::sync::OnceLock<Arc<crate::fleet::agent::Agent>>>,
+    /// The kernel fast path's counters, when it is attached.
+    pub xdp: Option<Arc<crate::xdp::Observer>>,
 }
 
 impl ApiState {
@@ -67,6 +69,7 @@ impl ApiState {
             clock,
             ws: Arc::new(Default::default()),
             agent: Default::default(),
+            xdp: None,
             relay_role: false,
         }
     }
@@ -449,6 +452,9 @@ async fn metrics(State(st): State<ApiState>) -> Response {
     text.push_str(&crate::metrics::render_latency("ferry_api_request_duration_seconds", "route", &latency));
     if let Some(f) = st.service.fleet_api() {
         f.render(&mut text);
+    }
+    if let Some(x) = &st.xdp {
+        x.render(&mut text);
     }
     if let Some(a) = st.agent.get() {
         a.render(&mut text);

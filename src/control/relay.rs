@@ -151,6 +151,13 @@ impl RelayHandle {
     }
 
     /// Asks every shard to stop.
+    /// Takes every link out of the kernel fast path (drain).
+    pub fn withdraw_links(&self) {
+        for s in self.shards.iter() {
+            let _ = s.send(ShardMsg::WithdrawLinks);
+        }
+    }
+
     pub fn stop(&self) {
         for s in self.shards.iter() {
             let _ = s.send(ShardMsg::Stop);

@@ -98,6 +98,8 @@ pub enum ShardMsg {
     /// A Relay message from a WebSocket connection.
     Stream(SocketAddr, Vec<u8>),
     StreamClosed(SocketAddr),
+    /// Take every link out of the kernel fast path (drain): userspace carries all traffic.
+    WithdrawLinks,
     Stop,
 }
 
@@ -161,6 +163,8 @@ pub struct ShardSetup {
     pub gso: bool,
     /// DTLS on the relay port (the context every shard shares, and the layer's tunables).
     pub dtls: Option<(openssl::ssl::SslContext, crate::secure::dtls::DtlsConfig)>,
+    /// The kernel fast path's links map, when it is attached.
+    pub links: Option<crate::xdp::LinkMap>,
 }
 
 enum Driver {
@@ -249,6 +253,8 @@ pub(crate) struct State {
     pending: VecDeque<(SocketAddr, Vec<u8>)>,
     /// Outboxes of the WebSocket connections that have sent messages here.
     streams: HashMap<SocketAddr, Outbox>,
+    /// The kernel fast path's links map, when it is attached.
+    links: Option<crate::xdp::LinkMap>,
 }
 
 /// Where a received datagram goes.
@@ -260,6 +266,7 @@ pub(crate) enum Verdict {
 }
 
 impl State {
+    #[allow(clippy::too_many_arguments)] // one per part a backend hands over from its setup
     fn new(
         setup_index: usize,
         backend: &'static str,
@@ -268,7 +275,10 @@ impl State {
         peers: Vec<ShardHandle>,
         events: tokio::sync::mpsc::UnboundedSender<(usize, Event)>,
         dtls: Option<(openssl::ssl::SslContext, DtlsConfig)>,
+        links: Option<crate::xdp::LinkMap>,
     ) -> Self {
+        let mut core = core;
+        core.kernel_links = links.is_some();
         let secret = core.conn_secret;
         let fleet = core.fleet.clone();
         Self {
@@ -283,6 +293,7 @@ impl State {
             mailroom: vec![0; BUF_SIZE],
             pending: VecDeque::new(),
             streams: HashMap::new(),
+            links,
             index: setup_index,
             backend,
             core: Core::new(core, now),
@@ -347,7 +358,11 @@ impl State {
     /// Lets the core answer `room[..len]`, a Relay message from `src`, and seals the answer for
     /// its destination.
     fn decide(&mut self, now: Millis, src: SocketAddr, room: &mut [u8], len: usize) -> Verdict {
-        match self.core.handle_datagram(now, src, &mut room[..len]) {
+        let action = self.core.handle_datagram(now, src, &mut room[..len]);
+        if self.links.is_some() {
+            self.sync_kernel(now);
+        }
+        match action {
             Action::Forward(dst) => self.seal(dst, room, len),
             Action::Reply(n) => self.seal(src, room, n),
             Action::Consumed | Action::Drop(_) => Verdict::Done,
@@ -446,6 +461,30 @@ impl State {
         }
     }
 
+    /// Answers the core's questions about kernel-side traffic and applies its link changes, until
+    /// neither is left (an answer may expire an allocation, which takes its links down). Runs
+    /// before anything the same step produced is sent.
+    pub fn sync_kernel(&mut self, now: Millis) {
+        let Some(links) = &self.links else { return };
+        loop {
+            let mut idle = true;
+            while let Some(c) = self.core.poll_kernel_check() {
+                idle = false;
+                let ago = c.links.iter().filter_map(|(f, t)| links.last_seen_ms_ago(f, t)).min();
+                self.core.kernel_seen(now, &c.id, ago.map(|a| now.saturating_sub(a)));
+            }
+            while let Some(op) = self.core.poll_link_op() {
+                idle = false;
+                for (id, ago) in links.apply(&op).into_iter().flatten() {
+                    self.core.kernel_activity(&id, now.saturating_sub(ago));
+                }
+            }
+            if idle {
+                return;
+            }
+        }
+    }
+
     /// Handles mailbox messages (at most a turn's worth). Returns true on `Stop`.
     pub fn mailbox(
         &mut self,
@@ -461,6 +500,7 @@ impl State {
                         _ => false,
                     };
                     let _ = reply.send(self.core.handle_control(now, cmd));
+                    self.sync_kernel(now);
                     if let (true, Some(d)) = (rotated, &mut self.dtls) {
                         d.set_fleet(self.core.config().fleet.clone());
                     }
@@ -501,7 +541,14 @@ impl State {
                         d.adopt(addr, *session);
                     }
                 }
+                Ok(ShardMsg::WithdrawLinks) => {
+                    self.core.withdraw_links();
+                    self.sync_kernel(now);
+                    self.links = None;
+                }
                 Ok(ShardMsg::Stop) => {
+                    self.core.withdraw_links();
+                    self.sync_kernel(now);
                     self.flush_core(now, send_one);
                     return true;
                 }
@@ -513,6 +560,7 @@ impl State {
 
     /// Sends relay-originated datagrams and forwards lifecycle events.
     pub fn flush_core(&mut self, now: Millis, send_one: &mut dyn FnMut(&SocketAddr, &[u8]) -> SendReport) {
+        self.sync_kernel(now);
         while let Some(t) = self.core.poll_transmit() {
             let mut room = std::mem::take(&mut self.mailroom);
             let n = t.payload().len();
@@ -567,7 +615,16 @@ fn run(setup: ShardSetup, mut poll: Poll, rx: Receiver<ShardMsg>, peers: Vec<Sha
     let clock = setup.clock;
     let mut sock = mio::net::UdpSocket::from_std(setup.socket);
     poll.registry().register(&mut sock, SOCKET, Interest::READABLE)?;
-    let mut st = State::new(setup.index, "epoll", setup.core, clock.now(), peers, setup.events, setup.dtls);
+    let mut st = State::new(
+        setup.index,
+        "epoll",
+        setup.core,
+        clock.now(),
+        peers,
+        setup.events,
+        setup.dtls,
+        setup.links,
+    );
     let mut io = BatchIo::new(&sock);
     io.set_gso(setup.gso);
     let mut batch = PacketBatch::new();

@@ -273,8 +273,16 @@ pub(super) fn run(
         ring.submission().push(&recv_sqe).map_err(io::Error::other)?;
         ring.submission().push(&wake_sqe).map_err(io::Error::other)?;
     }
-    let mut st =
-        State::new(setup.index, "io_uring", setup.core, clock.now(), peers, setup.events, setup.dtls);
+    let mut st = State::new(
+        setup.index,
+        "io_uring",
+        setup.core,
+        clock.now(),
+        peers,
+        setup.events,
+        setup.dtls,
+        setup.links,
+    );
     let mut send_one = |to: &SocketAddr, d: &[u8]| sendto(sock_fd, to, d);
     let mut gso = setup.gso;
     let mut gso_slots: Vec<Box<GsoSlot>> = Vec::new();

@@ -66,6 +66,14 @@ impl std::fmt::Display for XdpMode {
     }
 }
 
+/// The index of interface `name`, if there is one.
+pub fn if_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
 /// The program loaded with its maps, attached or not.
 pub struct Program {
     ebpf: aya::Ebpf,
@@ -138,19 +146,7 @@ impl Program {
 
     /// Packets and bytes per [`Reason`], summed over CPUs.
     pub fn counters(&self) -> io::Result<Vec<(Reason, u64, u64)>> {
-        let mut buf = vec![0u8; layout::COUNTER_SIZE * self.cpus];
-        let mut out = Vec::with_capacity(Reason::ALL.len());
-        for r in Reason::ALL {
-            buf.fill(0);
-            self.stats.lookup(&(r as u32).to_ne_bytes(), &mut buf)?;
-            let (mut p, mut b) = (0u64, 0u64);
-            for c in buf.chunks_exact(layout::COUNTER_SIZE) {
-                p += u64::from_ne_bytes(c[..8].try_into().expect("8 bytes"));
-                b += u64::from_ne_bytes(c[8..].try_into().expect("8 bytes"));
-            }
-            out.push((r, p, b));
-        }
-        Ok(out)
+        read_counters(&self.stats, self.cpus)
     }
 
     /// Attaches to `interface` in `mode`.
@@ -180,11 +176,33 @@ impl Program {
     }
 }
 
+/// Attaches the program that passes everything (`ferry_xdp_pass`) to `interface`: the far end
+/// of a veth pair only takes XDP_TX frames from its peer when it has an XDP program of its own.
+/// Dropping the returned object detaches it.
+pub fn attach_pass(interface: &str, mode: XdpMode) -> io::Result<aya::Ebpf> {
+    let mut ebpf =
+        aya::Ebpf::load(OBJECT).map_err(|e| io::Error::other(format!("loading bpf/ferry_xdp.o: {e}")))?;
+    let prog: &mut aya::programs::Xdp = ebpf
+        .program_mut("ferry_xdp_pass")
+        .ok_or_else(|| io::Error::other("no ferry_xdp_pass"))?
+        .try_into()
+        .map_err(|e| io::Error::other(format!("ferry_xdp_pass: {e}")))?;
+    prog.load().map_err(|e| io::Error::other(format!("ferry_xdp_pass: {e}")))?;
+    let flags = match mode {
+        XdpMode::Generic => aya::programs::XdpMode::Skb,
+        _ => aya::programs::XdpMode::Driver,
+    };
+    prog.attach(interface, flags)
+        .map_err(|e| io::Error::other(format!("ferry_xdp_pass on {interface}: {e}")))?;
+    Ok(ebpf)
+}
+
 /// The fast path of a running relay: the attached program (detached when this is dropped).
 pub struct FastPath {
     pub program: Program,
     pub interface: String,
     pub mode: XdpMode,
+    links: LinkMap,
 }
 
 impl FastPath {
@@ -192,7 +210,19 @@ impl FastPath {
     pub fn start(interface: &str, mode: XdpMode, listen: SocketAddr, max_links: u32) -> io::Result<Self> {
         let mut program = Program::load(max_links, &Endpoint::for_listen(listen), L2::Fib)?;
         program.attach(interface, mode)?;
-        Ok(Self { program, interface: interface.to_string(), mode })
+        for fam in ["ipv4", "ipv6"] {
+            let key = format!("net.{fam}.conf.{interface}.forwarding");
+            let path = format!("/proc/sys/net/{fam}/conf/{interface}/forwarding");
+            if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
+                tracing::warn!(
+                    sysctl = %key,
+                    "the kernel looks up next hops for the fast path only on an interface with forwarding \
+                     on; {fam} RELAYs stay in userspace until `sysctl -w {key}=1`"
+                );
+            }
+        }
+        let links = program.links();
+        Ok(Self { program, interface: interface.to_string(), mode, links })
     }
 }
 
@@ -215,15 +245,17 @@ pub struct LinkMap {
 }
 
 impl LinkMap {
-    /// Applies one op of the core: two entries (one per direction) up or down.
-    pub fn apply(&self, op: &LinkOp) {
+    /// Applies one op of the core: two entries (one per direction) up or down. For a link
+    /// going down, returns what its counters held first: each direction's sender and how many
+    /// milliseconds ago the kernel last forwarded for it, so the core still counts that traffic.
+    pub fn apply(&self, op: &LinkOp) -> [Option<(crate::wire::AllocationId, u64)>; 2] {
         match *op {
             LinkOp::Up { host, host_addr, joiner, joiner_addr } => {
                 let (Some(hj), Some(jh)) =
                     (Link::new(host_addr, joiner_addr), Link::new(joiner_addr, host_addr))
                 else {
                     self.stats.mixed_family.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    return [None, None];
                 };
                 let a = self.map.update(&layout::link_key(&host, &joiner), &hj.encode());
                 let b = self.map.update(&layout::link_key(&joiner, &host), &jh.encode());
@@ -232,17 +264,21 @@ impl LinkMap {
                     // Half a link is no use; the pair stays in userspace.
                     let _ = self.map.delete(&layout::link_key(&host, &joiner));
                     let _ = self.map.delete(&layout::link_key(&joiner, &host));
-                    return;
+                    return [None, None];
                 }
                 self.stats.ups.fetch_add(1, Ordering::Relaxed);
+                [None, None]
             }
             LinkOp::Down { host, joiner } => {
-                let a = self.map.delete(&layout::link_key(&host, &joiner));
-                let b = self.map.delete(&layout::link_key(&joiner, &host));
-                if a.is_err() || b.is_err() {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                let mut seen = [None, None];
+                for (k, (f, t)) in [(host, joiner), (joiner, host)].into_iter().enumerate() {
+                    seen[k] = self.last_seen_ms_ago(&f, &t).map(|ago| (f, ago));
+                    if self.map.delete(&layout::link_key(&f, &t)).is_err() {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 self.stats.downs.fetch_add(1, Ordering::Relaxed);
+                seen
             }
         }
     }
@@ -270,4 +306,78 @@ impl LinkMap {
         let c = self.counters(from, to)?;
         (c.packets > 0).then(|| sys::monotonic_ns().saturating_sub(c.last_ns) / 1_000_000)
     }
+}
+
+/// What `/metrics` reads of the fast path: the program's per-CPU counters and the shards' map
+/// updates.
+pub struct Observer {
+    stats: RawMap,
+    cpus: usize,
+    links: Arc<LinkMapStats>,
+    pub mode: XdpMode,
+    pub interface: String,
+}
+
+impl FastPath {
+    /// The shards' handle on the links map (one for all: updates are system calls on a map the
+    /// kernel synchronises).
+    pub fn links(&self) -> LinkMap {
+        self.links.clone()
+    }
+
+    pub fn observer(&self) -> io::Result<Observer> {
+        Ok(Observer {
+            stats: RawMap::new(self.program.stats.fd_borrowed(), 4, layout::COUNTER_SIZE)?,
+            cpus: self.program.cpus,
+            links: self.links.stats.clone(),
+            mode: self.mode,
+            interface: self.interface.clone(),
+        })
+    }
+}
+
+impl Observer {
+    /// Appends the `ferry_xdp_*` families.
+    pub fn render(&self, o: &mut String) {
+        use std::fmt::Write;
+        let counters = read_counters(&self.stats, self.cpus).unwrap_or_default();
+        let _ = writeln!(o, "# HELP ferry_xdp_info The kernel fast path: its mode and interface.");
+        let _ = writeln!(o, "# TYPE ferry_xdp_info gauge");
+        let _ = writeln!(o, "ferry_xdp_info{{mode=\"{}\",interface=\"{}\"}} 1", self.mode, self.interface);
+        for (name, help, pick) in [
+            ("ferry_xdp_packets_total", "Datagrams the fast path saw, by what it did (forwarded, redirected, or why it passed one to the stack).", 0),
+            ("ferry_xdp_bytes_total", "UDP payload bytes of those datagrams (0 where the lengths were not yet known).", 1),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (r, p, b) in &counters {
+                let v = if pick == 0 { p } else { b };
+                let _ = writeln!(o, "{name}{{result=\"{}\"}} {v}", r.as_str());
+            }
+        }
+        let s = &self.links;
+        let _ =
+            writeln!(o, "# HELP ferry_xdp_link_updates_total Changes to the fast path's links map, by kind.");
+        let _ = writeln!(o, "# TYPE ferry_xdp_link_updates_total counter");
+        for (k, a) in
+            [("up", &s.ups), ("down", &s.downs), ("refused", &s.errors), ("mixed_family", &s.mixed_family)]
+        {
+            let _ = writeln!(o, "ferry_xdp_link_updates_total{{kind=\"{k}\"}} {}", a.load(Ordering::Relaxed));
+        }
+    }
+}
+
+fn read_counters(stats: &RawMap, cpus: usize) -> io::Result<Vec<(Reason, u64, u64)>> {
+    let mut buf = vec![0u8; layout::COUNTER_SIZE * cpus];
+    let mut out = Vec::with_capacity(Reason::ALL.len());
+    for r in Reason::ALL {
+        buf.fill(0);
+        stats.lookup(&(r as u32).to_ne_bytes(), &mut buf)?;
+        let (mut p, mut b) = (0u64, 0u64);
+        for c in buf.chunks_exact(layout::COUNTER_SIZE) {
+            p += u64::from_ne_bytes(c[..8].try_into().expect("8 bytes"));
+            b += u64::from_ne_bytes(c[8..].try_into().expect("8 bytes"));
+        }
+        out.push((r, p, b));
+    }
+    Ok(out)
 }

@@ -3,7 +3,7 @@
 //! tests that hold the program to its twin. Loading and attaching is aya's.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -73,6 +73,10 @@ impl RawMap {
             flags,
             ..Default::default()
         }
+    }
+
+    pub fn fd_borrowed(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// Inserts or replaces (`BPF_ANY`).

@@ -1,0 +1,414 @@
+//! The kernel fast path on a real interface: `ferry serve` in one network namespace with native
+//! XDP on its veth, Unity-shaped clients in another. Needs root (CI runs as root) and fails
+//! without it rather than skipping.
+//!
+//! What is shown: the full Unity flow rides the kernel path (IPv4 and IPv6), and every datagram
+//! of it is counted once, by the kernel or by userspace; a rebind, a DISCONNECT, an expiry and a
+//! host leaving each stop kernel forwarding at once; kernel-only traffic keeps a session alive
+//! past the idle timeout; forged and unlinked RELAYs are left to userspace, which refuses them.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ferry::auth::AllocationKey;
+use ferry::client::api::Allocation;
+use ferry::client::{packets, ApiClient};
+use ferry::wire::{AllocationId, MessageType};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ferry");
+const RELAY4: &str = "10.77.0.1";
+const RELAY6: &str = "fd77::1";
+const RELAY_PORT: u16 = 7777;
+const API_PORT: u16 = 8080;
+const TOKEN: &str = "xdp-test-token-0123456789";
+const IDLE_MS: u64 = 1500;
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the fast-path tests attach XDP in network namespaces: run them as root"
+    );
+}
+
+/// Runs `f` on a thread inside namespace `ns`.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on this thread only, with a namespace descriptor that stays open.
+        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Two namespaces joined by a veth pair: the relay's (`r0`, native XDP) and the clients' (`c0`).
+struct Lab {
+    tag: String,
+    relay: Option<Child>,
+    /// Keeps the pass program on `c0` attached.
+    pass: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Lab {
+    fn ns(&self, n: &str) -> String {
+        format!("{}{n}", self.tag)
+    }
+
+    fn new() -> Self {
+        require_root();
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let tag = format!("fy{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed));
+        let mut lab = Lab { tag, relay: None, pass: None };
+        let (r, c) = (lab.ns("r"), lab.ns("c"));
+        for n in [&r, &c] {
+            sh(&["ip", "netns", "add", n]);
+            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        }
+        sh(&["ip", "link", "add", "r0", "netns", &r, "type", "veth", "peer", "name", "c0", "netns", &c]);
+        sh(&["ip", "-n", &r, "addr", "add", "10.77.0.1/24", "dev", "r0"]);
+        sh(&["ip", "-n", &r, "addr", "add", "fd77::1/64", "dev", "r0", "nodad"]);
+        for i in 2..=9 {
+            sh(&["ip", "-n", &c, "addr", "add", &format!("10.77.0.{i}/24"), "dev", "c0"]);
+            sh(&["ip", "-n", &c, "addr", "add", &format!("fd77::{i}/64"), "dev", "c0", "nodad"]);
+        }
+        sh(&["ip", "-n", &r, "link", "set", "r0", "up"]);
+        // The fast path looks up next hops the way a router does (bpf_fib_lookup), which the
+        // kernel allows only on an interface with forwarding on (docs/fastpath.md).
+        for fam in ["ipv4", "ipv6"] {
+            sh(&["ip", "netns", "exec", &r, "sysctl", "-qw", &format!("net.{fam}.conf.r0.forwarding=1")]);
+        }
+        sh(&["ip", "-n", &c, "link", "set", "c0", "up"]);
+        // A NIC delivers datagrams with finished UDP checksums; a veth peer would hand over
+        // the partial sums of checksum offload, which a rewritten frame must not carry.
+        sh(&["ip", "netns", "exec", &c, "ethtool", "-K", "c0", "tx", "off"]);
+        // veth hands XDP_TX frames only to a peer that runs XDP itself.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let path = format!("/run/netns/{c}");
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap();
+            // SAFETY: as in `in_ns`.
+            assert_eq!(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let held = ferry::xdp::attach_pass("c0", ferry::xdp::XdpMode::Native);
+            let ok = held.as_ref().map(|_| ()).map_err(|e| e.to_string());
+            ready_tx.send(ok).unwrap();
+            let _ = rx.recv();
+            drop(held);
+        });
+        ready_rx.recv().unwrap().expect("XDP pass program on c0");
+        lab.pass = Some(tx);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &r, BIN, "serve", "--shards", "1", "--log-lifecycle", "off"])
+            .args(["--api-listen", &format!("{RELAY4}:{API_PORT}"), "--api-token", TOKEN])
+            .args(["--relay-listen", &format!("[::]:{RELAY_PORT}"), "--advertise", RELAY4])
+            .args(["--xdp", "native", "--xdp-interface", "r0"])
+            .args(["--idle-timeout", &format!("{IDLE_MS}ms"), "--rebind-quiet", "100ms"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        lab.relay = Some(child);
+        let clock = ferry::clock::Clock::new();
+        let start = clock.now();
+        while !in_ns(&c, || std::net::TcpStream::connect((RELAY4, API_PORT)).is_ok()) {
+            if let Some(Ok(Some(st))) = lab.relay.as_mut().map(|p| p.try_wait()) {
+                panic!("ferry serve exited: {st}");
+            }
+            assert!(clock.now() - start < 20_000, "the relay's API never came up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let m = lab.metrics();
+        assert!(
+            m.contains("ferry_xdp_info{mode=\"native\",interface=\"r0\"} 1"),
+            "the fast path is not attached:\n{}",
+            m.lines().filter(|l| l.starts_with("ferry_xdp")).collect::<Vec<_>>().join("\n")
+        );
+        lab
+    }
+
+    fn api(&self) -> ApiClient {
+        ApiClient::new(format!("http://{RELAY4}:{API_PORT}")).with_token(TOKEN)
+    }
+
+    fn metrics(&self) -> String {
+        let api = self.api();
+        in_ns(&self.ns("c"), move || {
+            String::from_utf8(api.raw("GET", "/metrics", None).unwrap().body).unwrap()
+        })
+    }
+
+    /// The value of one sample of /metrics (0 when absent).
+    fn metric(&self, sample: &str) -> u64 {
+        let prefix = format!("{sample} ");
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn kernel_forwarded(&self) -> u64 {
+        self.metric("ferry_xdp_packets_total{result=\"forwarded\"}")
+    }
+
+    fn user_forwarded(&self) -> u64 {
+        self.metric("ferry_packets_out_total{kind=\"forward\"}")
+    }
+
+    /// A client socket at `ip` in the clients' namespace.
+    fn socket(&self, ip: &str) -> UdpSocket {
+        let ip: IpAddr = ip.parse().unwrap();
+        let s = in_ns(&self.ns("c"), move || UdpSocket::bind((ip, 0)).unwrap());
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    /// A host and a joiner, bound, confirmed and connected: their link is in the kernel.
+    fn session(&self, v6: bool, host_ip: &str, joiner_ip: &str) -> (Peer, Peer) {
+        let api = self.api();
+        let (h, j) = in_ns(&self.ns("c"), move || {
+            let h = api.allocate(2, None).unwrap();
+            let code = api.join_code(&h.allocation_id).unwrap();
+            (h, api.join(&code).unwrap().allocation)
+        });
+        let relay: SocketAddr =
+            if v6 { format!("[{RELAY6}]:{RELAY_PORT}") } else { format!("{RELAY4}:{RELAY_PORT}") }
+                .parse()
+                .unwrap();
+        let host = Peer::new(&h, self.socket(host_ip), relay);
+        let joiner = Peer::new(&j, self.socket(joiner_ip), relay);
+        assert_eq!(host.bind(1), BIND_RECEIVED);
+        host.send(&packets::ping(&host.id, 1));
+        assert_eq!(host.recv()[3], MessageType::Ping as u8);
+        assert_eq!(joiner.bind(1), BIND_RECEIVED);
+        joiner.send(&packets::connect_request(&joiner.id, &host.conn));
+        assert_eq!(joiner.recv()[3], MessageType::Accepted as u8);
+        (host, joiner)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.relay.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        self.pass.take();
+        for n in ["r", "c"] {
+            let _ = Command::new("ip").args(["netns", "del", &self.ns(n)]).output();
+        }
+    }
+}
+
+const BIND_RECEIVED: [u8; 4] = [0xDA, 0x72, 0x00, 0x01];
+
+/// A client that sends what Unity Transport sends.
+struct Peer {
+    sock: UdpSocket,
+    relay: SocketAddr,
+    id: AllocationId,
+    key: AllocationKey,
+    conn: Vec<u8>,
+}
+
+impl Peer {
+    fn new(a: &Allocation, sock: UdpSocket, relay: SocketAddr) -> Self {
+        Self {
+            sock,
+            relay,
+            id: AllocationId(B64.decode(&a.allocation_id_bytes).unwrap().try_into().unwrap()),
+            key: AllocationKey(B64.decode(&a.key).unwrap().try_into().unwrap()),
+            conn: B64.decode(&a.connection_data).unwrap(),
+        }
+    }
+
+    fn send(&self, d: &[u8]) {
+        self.sock.send_to(d, self.relay).unwrap();
+    }
+
+    fn recv(&self) -> Vec<u8> {
+        let mut buf = [0u8; 2048];
+        let (n, from) = self.sock.recv_from(&mut buf).expect("a datagram from the relay");
+        assert_eq!(from, self.relay, "datagrams come from the relay's address");
+        buf[..n].to_vec()
+    }
+
+    fn bind(&self, nonce: u16) -> Vec<u8> {
+        self.send(&packets::bind(&self.key, nonce, &self.conn));
+        self.recv()
+    }
+
+    fn relay_to(&self, to: &Peer, payload: &[u8]) {
+        self.send(&packets::relay(&self.id, &to.id, payload).unwrap());
+    }
+
+    /// Asserts that nothing arrives within `ms`.
+    fn silent(&self, ms: u64) {
+        self.sock.set_read_timeout(Some(Duration::from_millis(ms))).unwrap();
+        let mut buf = [0u8; 2048];
+        let got = self.sock.recv_from(&mut buf);
+        self.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(got.is_err(), "unexpected datagram {:02x?}", got.map(|(n, _)| buf[..n].to_vec()));
+    }
+
+    /// Sends `n` RELAYs to `to` in bursts the receiver drains, and checks each arrives intact.
+    fn exchange(&self, to: &Peer, n: usize, size: usize) {
+        for burst in 0..n.div_ceil(50) {
+            let k = 50.min(n - burst * 50);
+            for i in 0..k {
+                let mut p = vec![(i % 251) as u8; size];
+                p[..2].copy_from_slice(&((burst * 50 + i) as u16).to_be_bytes());
+                self.relay_to(to, &p);
+            }
+            for i in 0..k {
+                let d = to.recv();
+                assert_eq!(d[3], MessageType::Relay as u8);
+                assert_eq!(&d[4..20], &self.id.0, "from");
+                assert_eq!(&d[20..36], &to.id.0, "to");
+                assert_eq!(d.len(), 38 + size);
+                assert_eq!(
+                    u16::from_be_bytes([d[38], d[39]]) as usize,
+                    burst * 50 + i,
+                    "in order, none lost"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn unity_flow_rides_the_kernel_path_and_every_datagram_is_counted_once() {
+    let lab = Lab::new();
+    for (v6, h, j) in [(false, "10.77.0.2", "10.77.0.3"), (true, "fd77::2", "fd77::3")] {
+        let (host, joiner) = lab.session(v6, h, j);
+        let (k0, u0) = (lab.kernel_forwarded(), lab.user_forwarded());
+        host.exchange(&joiner, 300, 64);
+        joiner.exchange(&host, 300, 1200);
+        let (k1, u1) = (lab.kernel_forwarded(), lab.user_forwarded());
+        println!("IPv{}: kernel forwarded {}, userspace {}", if v6 { 6 } else { 4 }, k1 - k0, u1 - u0);
+        assert_eq!(k1 - k0, 600, "every RELAY of an established link is the kernel's");
+        assert_eq!(u1 - u0, 0, "and none of them reached userspace");
+    }
+    let bytes = lab.metric("ferry_xdp_bytes_total{result=\"forwarded\"}");
+    assert_eq!(bytes, 2 * 300 * (38 + 64) + 2 * 300 * (38 + 1200), "forwarded payload bytes");
+}
+
+#[test]
+fn a_rebind_a_disconnect_an_expiry_and_a_host_leaving_stop_the_kernel_at_once() {
+    let lab = Lab::new();
+
+    // Rebind: the joiner's NAT gives it a new address. The first RELAY after BIND_RECEIVED
+    // reaches the new address, never the old one.
+    let (host, mut joiner) = lab.session(false, "10.77.0.2", "10.77.0.3");
+    host.exchange(&joiner, 20, 40);
+    let old = std::mem::replace(&mut joiner.sock, lab.socket("10.77.0.4"));
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(joiner.bind(2), BIND_RECEIVED);
+    let k = lab.kernel_forwarded();
+    host.relay_to(&joiner, b"after the move");
+    let d = joiner.recv();
+    assert_eq!(&d[38..], b"after the move");
+    old.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(old.recv_from(&mut [0u8; 2048]).is_err(), "a RELAY went to the old address");
+    assert_eq!(lab.kernel_forwarded(), k, "the kernel forwarded to a moved client");
+    // Once the client speaks from its new address the link is the kernel's again.
+    joiner.exchange(&host, 20, 40);
+    host.exchange(&joiner, 20, 40);
+    assert!(lab.kernel_forwarded() >= k + 39, "the link went back to the kernel");
+
+    // DISCONNECT: the host's next RELAY is refused, by userspace.
+    joiner.send(&packets::disconnect(&joiner.id, &host.id));
+    assert_eq!(host.recv()[3], MessageType::Disconnect as u8);
+    let k = lab.kernel_forwarded();
+    host.relay_to(&joiner, b"after disconnect");
+    assert_eq!(host.recv()[3], MessageType::Error as u8, "userspace answers: not connected");
+    joiner.silent(300);
+    assert_eq!(lab.kernel_forwarded(), k);
+
+    // Host leaving: CLOSE takes its session with it.
+    let (host, joiner) = lab.session(false, "10.77.0.5", "10.77.0.6");
+    host.exchange(&joiner, 20, 40);
+    host.send(&packets::close(&host.id));
+    assert_eq!(joiner.recv()[3], MessageType::Disconnect as u8);
+    let k = lab.kernel_forwarded();
+    joiner.relay_to(&host, b"after close");
+    host.silent(300);
+    assert_eq!(lab.kernel_forwarded(), k, "the kernel forwarded to a host that left");
+
+    // Expiry: a quiet session times out and its link goes with it.
+    let (host, joiner) = lab.session(false, "10.77.0.7", "10.77.0.8");
+    host.exchange(&joiner, 20, 40);
+    std::thread::sleep(Duration::from_millis(IDLE_MS + 1200));
+    let k = lab.kernel_forwarded();
+    host.relay_to(&joiner, b"after expiry");
+    joiner.silent(300);
+    assert_eq!(lab.kernel_forwarded(), k, "the kernel forwarded for an expired session");
+    assert!(lab.metric("ferry_xdp_link_updates_total{kind=\"down\"}") >= 4);
+}
+
+#[test]
+fn kernel_only_traffic_keeps_a_session_alive_past_the_idle_timeout() {
+    let lab = Lab::new();
+    let (host, joiner) = lab.session(true, "fd77::4", "fd77::5");
+    let clock = ferry::clock::Clock::new();
+    let start = clock.now();
+    // Three idle timeouts of RELAYs both ways and nothing else: userspace sees none of them.
+    while clock.now() - start < 3 * IDLE_MS {
+        host.exchange(&joiner, 5, 40);
+        joiner.exchange(&host, 5, 40);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lab.user_forwarded(), 0);
+    host.exchange(&joiner, 10, 40);
+    joiner.exchange(&host, 10, 40);
+    host.send(&packets::ping(&host.id, 1));
+    assert_eq!(host.recv()[3], MessageType::Ping as u8, "the host's allocation is alive");
+    assert_eq!(lab.metric("ferry_allocations_released_total{reason=\"timed_out\"}"), 0);
+}
+
+#[test]
+fn forged_and_unlinked_relays_are_left_to_userspace() {
+    let lab = Lab::new();
+    let (host, joiner) = lab.session(false, "10.77.0.2", "10.77.0.3");
+    let wrong0 = lab.metric("ferry_xdp_packets_total{result=\"wrong_source\"}");
+    // Someone else sends as the joiner.
+    let forger = lab.socket("10.77.0.9");
+    for _ in 0..5 {
+        forger
+            .send_to(&packets::relay(&joiner.id, &host.id, b"forged").unwrap(), (RELAY4, RELAY_PORT))
+            .unwrap();
+    }
+    host.silent(300);
+    assert_eq!(lab.metric("ferry_xdp_packets_total{result=\"wrong_source\"}") - wrong0, 5);
+    // Two hosts that are not linked.
+    let (other, _) = lab.session(false, "10.77.0.4", "10.77.0.5");
+    let unlinked0 = lab.metric("ferry_xdp_packets_total{result=\"no_link\"}");
+    let k = lab.kernel_forwarded();
+    for _ in 0..5 {
+        other.relay_to(&host, b"not linked");
+        assert_eq!(other.recv()[3], MessageType::Error as u8, "userspace answers: not connected");
+    }
+    host.silent(300);
+    assert_eq!(lab.metric("ferry_xdp_packets_total{result=\"no_link\"}") - unlinked0, 5);
+    assert_eq!(lab.kernel_forwarded(), k);
+    // BIND, PING and STUN pass to userspace and are answered there.
+    let passed = lab.metric("ferry_xdp_packets_total{result=\"not_relay\"}");
+    host.send(&packets::ping(&host.id, 1));
+    assert_eq!(host.recv()[3], MessageType::Ping as u8);
+    assert!(lab.metric("ferry_xdp_packets_total{result=\"not_relay\"}") > passed);
+}
