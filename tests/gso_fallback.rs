@@ -59,6 +59,7 @@ fn refused_runs_arrive_one_by_one(uring: bool) {
         uring,
         gso: true,
         dtls: None,
+        links: None,
     };
     let (handles, threads) = spawn_all(vec![setup]).unwrap();
     let shards = RelayHandle::new(handles);
