@@ -47,6 +47,19 @@ pub enum Command {
     /// The B1 ideal forwarder used as a benchmark baseline (recvmmsg → lookup → sendmmsg).
     #[command(hide = true)]
     BenchB1(B1Args),
+    /// Holds an XDP program that passes everything on an interface (the far end of a veth pair
+    /// in the fast-path benchmark) until killed.
+    #[command(hide = true)]
+    BenchXdpPass(XdpPassArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct XdpPassArgs {
+    #[arg(long)]
+    pub interface: String,
+    /// Count and drop RELAY datagrams instead, writing "packets bytes" to this file every 100 ms.
+    #[arg(long)]
+    pub sink: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Subcommand, Debug)]

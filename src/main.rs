@@ -97,6 +97,32 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::BenchXdpPass(args) => match &args.sink {
+            None => match ferry::xdp::attach_pass(&args.interface, ferry::xdp::XdpMode::Native) {
+                Ok(_held) => loop {
+                    std::thread::park();
+                },
+                Err(e) => {
+                    eprintln!("ferry bench-xdp-pass: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Some(path) => match ferry::xdp::attach_sink(&args.interface) {
+                Ok(held) => loop {
+                    if let Ok((p, b)) = ferry::xdp::sink_counts(&held) {
+                        let tmp = path.with_extension("tmp");
+                        if std::fs::write(&tmp, format!("{p} {b}\n")).is_ok() {
+                            let _ = std::fs::rename(&tmp, path);
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                },
+                Err(e) => {
+                    eprintln!("ferry bench-xdp-pass: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+        },
         Command::Demo(args) => {
             match ferry::client::demo::run(&args.api, args.token.as_deref(), &args.message) {
                 Ok(()) => ExitCode::SUCCESS,

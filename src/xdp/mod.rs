@@ -180,20 +180,38 @@ impl Program {
 /// of a veth pair only takes XDP_TX frames from its peer when it has an XDP program of its own.
 /// Dropping the returned object detaches it.
 pub fn attach_pass(interface: &str, mode: XdpMode) -> io::Result<aya::Ebpf> {
+    attach_helper("ferry_xdp_pass", interface, mode)
+}
+
+/// The benchmark's sink on `interface`: counts and drops RELAY datagrams, passes the rest.
+/// [`sink_counts`] reads what it counted.
+pub fn attach_sink(interface: &str) -> io::Result<aya::Ebpf> {
+    attach_helper("ferry_xdp_sink", interface, XdpMode::Native)
+}
+
+/// RELAY datagrams and their payload bytes the sink has dropped.
+pub fn sink_counts(ebpf: &aya::Ebpf) -> io::Result<(u64, u64)> {
+    let m = ebpf.map("sink_stats").ok_or_else(|| io::Error::other("no sink_stats"))?;
+    let aya::maps::Map::PerCpuArray(d) = m else { return Err(io::Error::other("sink_stats type")) };
+    let stats = RawMap::new(d.fd().as_fd(), 4, layout::COUNTER_SIZE)?;
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| io::Error::other(format!("{what}: {e}")))?;
+    Ok(read_counter(&stats, 0, cpus)?)
+}
+
+fn attach_helper(name: &str, interface: &str, mode: XdpMode) -> io::Result<aya::Ebpf> {
     let mut ebpf =
         aya::Ebpf::load(OBJECT).map_err(|e| io::Error::other(format!("loading bpf/ferry_xdp.o: {e}")))?;
     let prog: &mut aya::programs::Xdp = ebpf
-        .program_mut("ferry_xdp_pass")
-        .ok_or_else(|| io::Error::other("no ferry_xdp_pass"))?
+        .program_mut(name)
+        .ok_or_else(|| io::Error::other(format!("no {name}")))?
         .try_into()
-        .map_err(|e| io::Error::other(format!("ferry_xdp_pass: {e}")))?;
-    prog.load().map_err(|e| io::Error::other(format!("ferry_xdp_pass: {e}")))?;
+        .map_err(|e| io::Error::other(format!("{name}: {e}")))?;
+    prog.load().map_err(|e| io::Error::other(format!("{name}: {e}")))?;
     let flags = match mode {
         XdpMode::Generic => aya::programs::XdpMode::Skb,
         _ => aya::programs::XdpMode::Driver,
     };
-    prog.attach(interface, flags)
-        .map_err(|e| io::Error::other(format!("ferry_xdp_pass on {interface}: {e}")))?;
+    prog.attach(interface, flags).map_err(|e| io::Error::other(format!("{name} on {interface}: {e}")))?;
     Ok(ebpf)
 }
 
@@ -367,17 +385,17 @@ impl Observer {
 }
 
 fn read_counters(stats: &RawMap, cpus: usize) -> io::Result<Vec<(Reason, u64, u64)>> {
+    Reason::ALL.iter().map(|&r| read_counter(stats, r as u32, cpus).map(|(p, b)| (r, p, b))).collect()
+}
+
+/// One entry of a per-CPU array of `struct counter`, summed over CPUs.
+fn read_counter(stats: &RawMap, index: u32, cpus: usize) -> io::Result<(u64, u64)> {
     let mut buf = vec![0u8; layout::COUNTER_SIZE * cpus];
-    let mut out = Vec::with_capacity(Reason::ALL.len());
-    for r in Reason::ALL {
-        buf.fill(0);
-        stats.lookup(&(r as u32).to_ne_bytes(), &mut buf)?;
-        let (mut p, mut b) = (0u64, 0u64);
-        for c in buf.chunks_exact(layout::COUNTER_SIZE) {
-            p += u64::from_ne_bytes(c[..8].try_into().expect("8 bytes"));
-            b += u64::from_ne_bytes(c[8..].try_into().expect("8 bytes"));
-        }
-        out.push((r, p, b));
-    }
-    Ok(out)
+    stats.lookup(&index.to_ne_bytes(), &mut buf)?;
+    Ok(buf.chunks_exact(layout::COUNTER_SIZE).fold((0, 0), |(p, b), c| {
+        (
+            p + u64::from_ne_bytes(c[..8].try_into().expect("8 bytes")),
+            b + u64::from_ne_bytes(c[8..].try_into().expect("8 bytes")),
+        )
+    }))
 }
