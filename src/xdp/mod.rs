@@ -195,7 +195,7 @@ pub fn sink_counts(ebpf: &aya::Ebpf) -> io::Result<(u64, u64)> {
     let aya::maps::Map::PerCpuArray(d) = m else { return Err(io::Error::other("sink_stats type")) };
     let stats = RawMap::new(d.fd().as_fd(), 4, layout::COUNTER_SIZE)?;
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| io::Error::other(format!("{what}: {e}")))?;
-    Ok(read_counter(&stats, 0, cpus)?)
+    read_counter(&stats, 0, cpus)
 }
 
 fn attach_helper(name: &str, interface: &str, mode: XdpMode) -> io::Result<aya::Ebpf> {
