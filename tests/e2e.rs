@@ -363,7 +363,8 @@ fn datagrams_on_the_wrong_shard_are_handed_to_the_owner() {
 fn load_generator_measures_a_real_relay() {
     use ferry::load::{engine, setup};
     let srv = Server::start(|c| c.api_rate_limit = 100_000);
-    let streams = setup::ferry(&srv.api(), None, 3, 100, "127.0.0.1").unwrap();
+    let streams =
+        setup::ferry(&srv.api(), None, 3, 100, &setup::Sockets::new("127.0.0.1", 0).unwrap()).unwrap();
     let spec = engine::TrafficSpec {
         payload: 100,
         rate: 2000,
@@ -372,6 +373,7 @@ fn load_generator_measures_a_real_relay() {
         pin_sender: None,
         pin_receiver: None,
         gso: false,
+        shape: ferry::load::Shape::Burst,
     };
     let m = engine::run(streams, &spec, |_| {}).unwrap();
     assert!(m.sent > 300, "sent {}", m.sent);
@@ -380,6 +382,35 @@ fn load_generator_measures_a_real_relay() {
     assert_eq!(m.latency_ns.len(), m.received);
     // The relay counted what the generator saw.
     assert!(srv.metric("ferry_packets_out_total{kind=\"forward\"}") >= m.received);
+}
+
+#[test]
+fn load_generator_game_shape_interleaves_sessions_of_mixed_sizes() {
+    use ferry::load::{engine, setup};
+    let srv = Server::start(|c| c.api_rate_limit = 100_000);
+    // 200 sessions over 4 shared socket pairs: each send carries datagrams of many sessions.
+    let sockets = setup::Sockets::new("127.0.0.1", 4).unwrap();
+    let streams = setup::ferry(&srv.api(), None, 200, engine::GAME_MEAN_PAYLOAD, &sockets).unwrap();
+    let spec = engine::TrafficSpec {
+        payload: engine::GAME_MEAN_PAYLOAD,
+        rate: 5000,
+        duration: Duration::from_millis(800),
+        warmup: Duration::from_millis(200),
+        pin_sender: None,
+        pin_receiver: None,
+        gso: false,
+        shape: ferry::load::Shape::Game,
+    };
+    let before = srv.metric("ferry_bytes_out_total{kind=\"forward\"}");
+    let m = engine::run(streams, &spec, |_| {}).unwrap();
+    assert!(m.sent > 1000, "sent {}", m.sent);
+    assert!(m.received * 100 >= m.sent * 99, "received {} of {}", m.received, m.sent);
+    assert_eq!(m.duplicates, 0);
+    let packets = srv.metric("ferry_packets_out_total{kind=\"forward\"}");
+    let bytes = srv.metric("ferry_bytes_out_total{kind=\"forward\"}") - before;
+    let mean = bytes / packets.max(1);
+    assert!((100..=150).contains(&mean), "mean RELAY size {mean} B (58–300 B, mostly small)");
+    assert!((0..100_000u32).map(engine::game_payload).all(|p| (20..=262).contains(&p)));
 }
 
 #[test]

@@ -31,6 +31,30 @@ pub struct TrafficSpec {
     /// Send each batch as UDP GSO sends (fair only against relays that do not enable UDP_GRO,
     /// which would otherwise receive the bursts coalesced).
     pub gso: bool,
+    /// Bursts per session, or sessions interleaved with mixed sizes.
+    pub shape: super::Shape,
+}
+
+/// The game shape's payload sizes: RELAYs of 58–300 bytes, most of them small (inputs and
+/// acknowledgements), some mid-sized (state deltas), a few large (snapshots).
+pub fn game_payload(r: u32) -> usize {
+    let x = (r >> 8) as usize;
+    match r % 10 {
+        0..=5 => MIN_PAYLOAD + x % 61, // 58–118-byte RELAYs
+        6..=8 => 81 + x % 80,          // 119–198
+        _ => 161 + x % 102,            // 199–300
+    }
+}
+
+/// The mean of [`game_payload`] (reported as the run's payload size).
+pub const GAME_MEAN_PAYLOAD: usize = 90;
+
+/// xorshift32: the game shape's sizes, the same sequence every run.
+fn next(s: &mut u32) -> u32 {
+    *s ^= *s << 13;
+    *s ^= *s >> 17;
+    *s ^= *s << 5;
+    *s
 }
 
 /// What the receiver measured (only datagrams sent after the warm-up count).
@@ -111,8 +135,14 @@ pub fn run(
             keepalives.push((s.rx.try_clone()?, s.dst, k));
         }
         txs.push((s.tx, s.dst, s.header));
-        rxs.push(s.rx);
+        // Sessions that share a receiver socket share one registration (the payload names
+        // the stream).
+        let local = s.rx.local_addr()?;
+        if !rxs.iter().any(|r: &std::net::UdpSocket| r.local_addr().ok() == Some(local)) {
+            rxs.push(s.rx);
+        }
     }
+    let streams = txs.len();
     let header_len = txs.first().map_or(0, |t| t.2.len());
 
     let receiver = {
@@ -134,7 +164,7 @@ pub fn run(
             let mut ios: Vec<BatchIo> = socks.iter().map(BatchIo::new).collect();
             let mut batch = PacketBatch::new();
             let mut events = Events::with_capacity(1024);
-            let mut seen: Vec<Seen> = (0..socks.len()).map(|_| Seen::new()).collect();
+            let mut seen: Vec<Seen> = (0..streams).map(|_| Seen::new()).collect();
             let mut m = Measured {
                 sent: 0,
                 send_blocked: 0,
@@ -240,6 +270,17 @@ pub fn run(
 
     // The sender runs on this thread.
     pin(spec.pin_sender);
+    if spec.shape == super::Shape::Game {
+        let sent =
+            send_game(&txs, spec, &clock, (start, measure_from, end), &sent_measured, &blocked, &progress)?;
+        let _ = sent;
+        progress(1.0);
+        done.store(true, Ordering::Release);
+        let mut m = receiver.join().map_err(|_| std::io::Error::other("receiver panicked"))??;
+        m.sent = sent_measured.load(Ordering::Relaxed);
+        m.send_blocked = blocked.load(Ordering::Relaxed);
+        return Ok(m);
+    }
     let mut ios: Vec<BatchIo> = txs.iter().map(|t| BatchIo::new(&t.0)).collect();
     for io in &mut ios {
         io.set_gso(spec.gso);
@@ -318,6 +359,118 @@ pub fn run(
     m.sent = sent_measured.load(Ordering::Relaxed);
     m.send_blocked = blocked.load(Ordering::Relaxed);
     Ok(m)
+}
+
+/// How many datagrams are due at `now` under `rate` (a full batch when unpaced), or None after
+/// waiting briefly when none is.
+fn due(now: u64, start: u64, rate: u64, sent: u64) -> Option<usize> {
+    if rate == 0 {
+        return Some(BATCH);
+    }
+    let due = ((now - start) as u128 * rate as u128 / 1_000_000_000) as u64;
+    let d = due.saturating_sub(sent);
+    if d == 0 {
+        // Never spin: the receiver shares this core and must not wait for our time slice.
+        let next_due = start + ((sent + 1) as u128 * 1_000_000_000 / rate as u128) as u64;
+        let wait = next_due.saturating_sub(now);
+        if wait > 20_000 {
+            std::thread::sleep(Duration::from_nanos(wait));
+        } else {
+            std::thread::yield_now();
+        }
+        return None;
+    }
+    Some((d as usize).min(BATCH))
+}
+
+/// The game shape's sender: each send carries up to a batch of datagrams of *different*
+/// sessions that share a sender socket (one per session where sockets are not shared), with
+/// sizes drawn from [`game_payload`]; socket groups take turns.
+fn send_game(
+    txs: &[(std::net::UdpSocket, SocketAddr, Vec<u8>)],
+    spec: &TrafficSpec,
+    clock: &Clock,
+    (start, measure_from, end): (u64, u64, u64),
+    sent_measured: &AtomicU64,
+    blocked: &AtomicU64,
+    progress: &impl Fn(f64),
+) -> std::io::Result<u64> {
+    // Streams grouped by the socket they send from.
+    let mut groups: Vec<(SocketAddr, Vec<usize>)> = Vec::new();
+    for (i, t) in txs.iter().enumerate() {
+        let local = t.0.local_addr()?;
+        match groups.iter_mut().find(|g| g.0 == local) {
+            Some(g) => g.1.push(i),
+            None => groups.push((local, vec![i])),
+        }
+    }
+    let mut ios: Vec<BatchIo> = groups.iter().map(|g| BatchIo::new(&txs[g.1[0]].0)).collect();
+    for t in txs {
+        t.0.set_nonblocking(true)?;
+    }
+    let mut cursor = vec![0usize; groups.len()];
+    let mut seqs = vec![0u64; txs.len()];
+    let mut batch = PacketBatch::new();
+    let mut items: Vec<SendItem> = Vec::with_capacity(BATCH);
+    let mut which = [0usize; BATCH];
+    let mut stamps = [0u64; BATCH];
+    let mut rng = 0x9e37_79b9u32;
+    let (mut sent_total, mut g, mut last_progress) = (0u64, 0usize, 0u64);
+    while clock.nanos() < start {
+        std::hint::spin_loop();
+    }
+    loop {
+        let now = clock.nanos();
+        if now >= end {
+            break;
+        }
+        if now - last_progress > 100_000_000 {
+            last_progress = now;
+            progress((now.saturating_sub(start)) as f64 / (end - start) as f64);
+        }
+        let Some(n) = due(now, start, spec.rate, sent_total) else { continue };
+        let members = &groups[g].1;
+        let n = n.min(members.len());
+        items.clear();
+        for (i, b) in batch.bufs.iter_mut().take(n).enumerate() {
+            let s = members[(cursor[g] + i) % members.len()];
+            which[i] = s;
+            let (_, dst, header) = &txs[s];
+            let len = header.len() + game_payload(next(&mut rng));
+            b[..header.len()].copy_from_slice(header);
+            if header.len() >= 38 {
+                // A RELAY's length field follows the payload's size.
+                let plen = (len - header.len()) as u16;
+                b[36..38].copy_from_slice(&plen.to_be_bytes());
+            } else if header.len() == 4 {
+                // TURN ChannelData: its length field likewise.
+                let plen = (len - 4) as u16;
+                b[2..4].copy_from_slice(&plen.to_be_bytes());
+            }
+            let p = &mut b[header.len()..len];
+            p[0..8].copy_from_slice(&seqs[s].to_le_bytes());
+            seqs[s] += 1;
+            stamps[i] = clock.nanos();
+            p[8..16].copy_from_slice(&stamps[i].to_le_bytes());
+            p[16..20].copy_from_slice(&(s as u32).to_le_bytes());
+            p[20..].fill(0x5A);
+            items.push(SendItem { slot: i, len, dst: *dst });
+        }
+        let r = ios[g].send(&batch, &items);
+        let went = (r.sent + r.errors).min(n);
+        for &s in which[went..n].iter().rev() {
+            seqs[s] -= 1;
+        }
+        cursor[g] = (cursor[g] + went) % members.len();
+        sent_total += went as u64;
+        if r.would_block > 0 {
+            blocked.fetch_add(r.would_block as u64, Ordering::Relaxed);
+        }
+        let counted = stamps[..went].iter().filter(|&&t| t >= measure_from && t < end).count();
+        sent_measured.fetch_add(counted as u64, Ordering::Relaxed);
+        g = (g + 1) % groups.len();
+    }
+    Ok(sent_total)
 }
 
 #[cfg(test)]

@@ -42,6 +42,18 @@ pub enum Target {
     Tunnel,
 }
 
+/// How the generator's datagrams are shaped (`--shape`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    /// Each session in turn sends a batch of 32 same-size datagrams: UDP GSO's best case.
+    #[default]
+    Burst,
+    /// What a relay serving a crowd of players sees: consecutive datagrams belong to different
+    /// sessions and sizes are mixed (RELAYs of 58–300 bytes, mostly small).
+    Game,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
     Traffic,
@@ -69,6 +81,15 @@ pub struct LoadArgs {
     /// Sessions (one sender and one receiver each).
     #[arg(long, default_value_t = 1)]
     pub sessions: usize,
+    /// Traffic shape: `burst` (a batch per session in turn, one size) or `game` (sessions
+    /// interleaved, mixed 58–300-byte RELAYs; `--size` is then ignored).
+    #[arg(long, value_enum, default_value = "burst")]
+    pub shape: Shape,
+    /// With `--shape game`: sender and receiver sockets the sessions share (each carries many
+    /// sessions, so one sendmmsg spans sessions); 0 gives every session its own. TURN targets
+    /// always use one pair per session (a TURN allocation is its client's address).
+    #[arg(long, default_value_t = 8)]
+    pub sockets: usize,
     /// Payload bytes per datagram, 20 to 1434 (a RELAY's 38-byte header plus the payload must
     /// fit the relay's 1472-byte datagram limit).
     #[arg(long, default_value_t = 64)]
@@ -208,11 +229,15 @@ fn api(a: &LoadArgs) -> ApiClient {
 }
 
 fn traffic(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let payload = a.size;
+    let payload = match a.shape {
+        Shape::Burst => a.size,
+        Shape::Game => engine::GAME_MEAN_PAYLOAD,
+    };
+    let sockets = setup::Sockets::new(&a.bind_ip, if a.shape == Shape::Game { a.sockets } else { 0 })?;
     let streams = match a.target {
-        Target::Ferry => setup::ferry(&api(a), a.relay, a.sessions, payload, &a.bind_ip)?,
-        Target::B1 => setup::b1(need_relay(a)?, a.sessions, payload, &a.bind_ip)?,
-        Target::Direct => setup::direct(a.sessions, payload, &a.bind_ip)?,
+        Target::Ferry => setup::ferry(&api(a), a.relay, a.sessions, payload, &sockets)?,
+        Target::B1 => setup::b1(need_relay(a)?, a.sessions, payload, &sockets)?,
+        Target::Direct => setup::direct(a.sessions, payload, &sockets)?,
         Target::Turn => {
             turn::streams(need_relay(a)?, &a.turn_user, &a.turn_pass, a.sessions, payload, &a.bind_ip)?
         }
@@ -230,6 +255,7 @@ fn traffic(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
         pin_sender: a.pin_sender,
         pin_receiver: a.pin_receiver,
         gso: a.gso,
+        shape: a.shape,
     };
     let bar = (!a.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let b = indicatif::ProgressBar::new(1000);
@@ -271,6 +297,7 @@ fn traffic(a: &LoadArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     let name = format!("{:?}", a.target).to_lowercase();
     let mut s = report::Summary::new(&name, a.sessions, payload, a.rate, &m, cpu);
+    s.shape = a.shape;
     if let Some((t, stop, rss_before)) = flood {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut r = t.join().map_err(|_| "flood thread panicked")??;

@@ -17,6 +17,9 @@ pub struct Latency {
 pub struct Summary {
     pub target: String,
     pub sessions: usize,
+    /// The traffic shape (`burst` or `game`).
+    pub shape: super::Shape,
+    /// Payload bytes per datagram (the mean, for the game shape's mixed sizes).
     pub payload_bytes: usize,
     /// Offered datagrams per second (0: as fast as possible).
     pub offered_pps: u64,
@@ -54,6 +57,7 @@ impl Summary {
         Self {
             target: target.to_string(),
             sessions,
+            shape: super::Shape::Burst,
             payload_bytes: payload,
             offered_pps: rate,
             duration_secs: m.measured_secs,

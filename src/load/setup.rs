@@ -25,6 +25,34 @@ pub struct Stream {
     pub keepalive: Option<Vec<u8>>,
 }
 
+/// Where sessions' sockets come from: a fresh pair each (one client per session, as players
+/// are), or a few shared sockets that carry many sessions each (the game-like shape, so one
+/// `sendmmsg` can carry datagrams of many sessions; a relay sees the same interleaving from a
+/// crowd of players).
+pub struct Sockets {
+    bind_ip: String,
+    shared: Vec<(UdpSocket, UdpSocket)>,
+}
+
+impl Sockets {
+    /// `shared`: how many (sender, receiver) socket pairs all sessions share; 0 for one pair per
+    /// session.
+    pub fn new(bind_ip: &str, shared: usize) -> io::Result<Self> {
+        let shared = (0..shared)
+            .map(|_| Ok((udp(&format!("{bind_ip}:0"))?, udp(&format!("{bind_ip}:0"))?)))
+            .collect::<io::Result<_>>()?;
+        Ok(Self { bind_ip: bind_ip.to_string(), shared })
+    }
+
+    /// Session `i`'s (sender, receiver) sockets.
+    pub fn pair(&self, i: usize) -> io::Result<(UdpSocket, UdpSocket)> {
+        match self.shared.get(i % self.shared.len().max(1)) {
+            Some((tx, rx)) => Ok((tx.try_clone()?, rx.try_clone()?)),
+            None => Ok((udp(&format!("{}:0", self.bind_ip))?, udp(&format!("{}:0", self.bind_ip))?)),
+        }
+    }
+}
+
 fn udp(local: &str) -> io::Result<UdpSocket> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
     let _ = s.set_recv_buffer_size(8 << 20);
@@ -96,11 +124,11 @@ pub fn ferry(
     relay_override: Option<SocketAddr>,
     sessions: usize,
     payload: usize,
-    bind_ip: &str,
+    sockets: &Sockets,
 ) -> io::Result<Vec<Stream>> {
     let e = |e: crate::client::ApiError| io::Error::other(e.to_string());
     let mut out = Vec::with_capacity(sessions);
-    for _ in 0..sessions {
+    for i in 0..sessions {
         let h = patiently(|| api.allocate(1, None)).map_err(e)?;
         let code = patiently(|| api.join_code(&h.allocation_id)).map_err(e)?;
         let j = patiently(|| api.join(&code)).map_err(e)?;
@@ -119,8 +147,7 @@ pub fn ferry(
             };
         let (hid, hkey, hconn) = parts(&h)?;
         let (jid, jkey, jconn) = parts(&j.allocation)?;
-        let rx = udp(&format!("{bind_ip}:0"))?;
-        let tx = udp(&format!("{bind_ip}:0"))?;
+        let (tx, rx) = sockets.pair(i)?;
         handshake(&rx, relay, &packets::bind(&hkey, 1, &hconn), 1)?;
         handshake(&tx, relay, &packets::bind(&jkey, 1, &jconn), 1)?;
         handshake(&tx, relay, &packets::connect_request(&jid, &hconn), 6)?;
@@ -140,12 +167,11 @@ fn random_id(n: usize, salt: u8) -> AllocationId {
 }
 
 /// Streams through B1: routes registered with BIND-shaped datagrams, no API.
-pub fn b1(relay: SocketAddr, sessions: usize, payload: usize, bind_ip: &str) -> io::Result<Vec<Stream>> {
+pub fn b1(relay: SocketAddr, sessions: usize, payload: usize, sockets: &Sockets) -> io::Result<Vec<Stream>> {
     let mut out = Vec::with_capacity(sessions);
     for n in 0..sessions {
         let (hid, jid) = (random_id(n, 1), random_id(n, 2));
-        let rx = udp(&format!("{bind_ip}:0"))?;
-        let tx = udp(&format!("{bind_ip}:0"))?;
+        let (tx, rx) = sockets.pair(n)?;
         let key = AllocationKey([0; 64]);
         handshake(&rx, relay, &packets::bind(&key, 1, &hid.0), 1)?;
         handshake(&tx, relay, &packets::bind(&key, 1, &jid.0), 1)?;
@@ -163,11 +189,10 @@ pub fn tunnel(listen: SocketAddr, server: SocketAddr, bind_ip: &str) -> io::Resu
 }
 
 /// B0: the generator's sockets talking to each other, same datagrams, no relay.
-pub fn direct(sessions: usize, payload: usize, bind_ip: &str) -> io::Result<Vec<Stream>> {
+pub fn direct(sessions: usize, payload: usize, sockets: &Sockets) -> io::Result<Vec<Stream>> {
     (0..sessions)
         .map(|n| {
-            let rx = udp(&format!("{bind_ip}:0"))?;
-            let tx = udp(&format!("{bind_ip}:0"))?;
+            let (tx, rx) = sockets.pair(n)?;
             let dst = rx.local_addr()?;
             Ok(Stream {
                 tx,
