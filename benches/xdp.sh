@@ -34,6 +34,12 @@ RESULTS="$OUT/results.jsonl"
 
 cargo build --release --quiet
 FERRY=$PWD/target/release/ferry
+case " $TARGETS " in *" coturn "*)
+  command -v turnserver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq coturn) >/dev/null 2>&1 || true ;;
+esac
+case " $TARGETS " in *" turnrs "*)
+  command -v turn-server >/dev/null || cargo install turn-server --locked --no-default-features --features udp --quiet >/dev/null 2>&1 || true ;;
+esac
 TAG="fyb$$"
 R="${TAG}r"
 C="${TAG}c"
@@ -93,13 +99,43 @@ start() {
     b1)
       ip netns exec "$R" taskset -c "$RELAY_CPU" "$FERRY" bench-b1 --listen 10.78.0.1:19000 2>/dev/null &
       PID=$!; LOAD_ARGS="--target b1 --relay 10.78.0.1:19000" ;;
-    ferry|ferry-xdp)
-      local xdp=off
+    ferry|ferry-gso|ferry-xdp)
+      local xdp=off gso=false
       [ "$1" = ferry-xdp ] && xdp=native
-      ip netns exec "$R" taskset -c "$RELAY_CPU" "$FERRY" serve --shards 1 --pin-shards false --gso false \
+      [ "$1" = ferry-gso ] && gso=true
+      ip netns exec "$R" taskset -c "$RELAY_CPU" "$FERRY" serve --shards 1 --pin-shards false --gso "$gso" \
         --relay-listen 10.78.0.1:17777 --api-listen 10.78.0.1:17880 --api-token "$TOKEN" --api-rate-limit 1000000 \
         --xdp "$xdp" --xdp-interface r0 --drain-timeout 0s --log-format json --log-lifecycle off 2>>"$OUT/relay-$1.log" &
       PID=$!; LOAD_ARGS="--target ferry --api http://10.78.0.1:17880 --token $TOKEN --relay 10.78.0.1:17777" ;;
+    coturn)
+      command -v turnserver >/dev/null || return 1
+      rm -f "$OUT/coturn.pid"
+      ip netns exec "$R" taskset -c "$RELAY_CPU" turnserver -n --listening-ip=10.78.0.1 --listening-port=13478 \
+        --relay-ip=10.78.0.1 --min-port=40000 --max-port=45000 --lt-cred-mech --user=ferry:ferry --realm=ferry \
+        --no-tls --no-dtls --no-cli --no-stdout-log --log-file=/dev/null --pidfile="$OUT/coturn.pid" >/dev/null 2>&1 &
+      for _ in $(seq 50); do [ -s "$OUT/coturn.pid" ] && break; sleep 0.1; done
+      PID=$(cat "$OUT/coturn.pid"); LOAD_ARGS="--target turn --relay 10.78.0.1:13478" ;;
+    turnrs)
+      command -v turn-server >/dev/null || return 1
+      cat > "$OUT/turn-rs.toml" <<TOML
+[server]
+realm = "ferry"
+max-threads = 1
+port-range = "45001..49000"
+[[server.interfaces]]
+transport = "udp"
+listen = "10.78.0.1:13479"
+external = "10.78.0.1:13479"
+idle-timeout = 20
+mtu = 1500
+[log]
+level = "error"
+stdout = true
+[auth.static-credentials]
+ferry = "ferry"
+TOML
+      ip netns exec "$R" taskset -c "$RELAY_CPU" turn-server --config "$OUT/turn-rs.toml" >/dev/null 2>&1 &
+      PID=$!; LOAD_ARGS="--target turn --relay 10.78.0.1:13479" ;;
   esac
   sleep 1.5
 }
@@ -111,6 +147,7 @@ run_load() {
   local name=$1 size=$2 round=$3 rate=$4
   local shape_args=(--size "$size")
   [ "$SHAPE" = game ] && shape_args=(--shape game --sockets 8)
+  ulimit -n 65536
   ip netns exec "$C" taskset -c "$GEN_CPU" "$FERRY" load $LOAD_ARGS --bind-ip 10.78.0.2 --sessions "$SESSIONS" \
     "${shape_args[@]}" ${GEN_GSO:+--gso} --rate "$rate" --warmup 1s --duration "${DUR}s" --json > "$OUT/load.json" 2>>"$OUT/errors.log" &
   local lp=$!
@@ -152,7 +189,7 @@ for round in $(seq "$ROUNDS"); do
         if [ "$mult" != 0 ]; then
           rate=$(python3 -c "print(int(float('$d0') * $mult))")
         fi
-        start "$t"
+        start "$t" || { echo "skip $t (not installed)"; continue 3; }
         echo "round $round: $t, $size B ($SHAPE), offered ${rate/#0/max}"
         line=$(run_load "$t" "$size" "$round" "$rate")
         echo "$line"

@@ -402,9 +402,13 @@ struct {
     __type(value, struct counter);
 } sink_stats SEC(".maps");
 
-// The benchmark's sink (benches/xdp.sh): counts and drops RELAY datagrams arriving at the
+// The benchmark's sink (benches/xdp.sh): counts and drops the relayed datagrams arriving at the
 // clients' interface, so the generator's core only sends and every path is measured at the
-// same point; everything else (BIND_RECEIVED, ACCEPTED, the API) passes.
+// same point: RELAY messages, and datagrams from the TURN relays' relayed addresses (source
+// ports SINK_PORT_LO..SINK_PORT_HI, the range the benchmark gives them). Everything else
+// (BIND_RECEIVED, ACCEPTED, TURN responses, the API) passes.
+#define SINK_PORT_LO 40000
+#define SINK_PORT_HI 50000
 SEC("xdp")
 int ferry_xdp_sink(struct xdp_md *ctx)
 {
@@ -427,7 +431,9 @@ int ferry_xdp_sink(struct xdp_md *ctx)
         return XDP_PASS;
     }
     const __u8 *m = (const __u8 *)(udp + 1);
-    if ((void *)(m + 4) > end || m[0] != 0xDA || m[1] != 0x72 || m[3] != 10)
+    __u16 sport = bpf_ntohs(udp->source);
+    int relayed = sport >= SINK_PORT_LO && sport < SINK_PORT_HI;
+    if (!relayed && ((void *)(m + 4) > end || m[0] != 0xDA || m[1] != 0x72 || m[3] != 10))
         return XDP_PASS;
     __u32 zero = 0;
     struct counter *c = bpf_map_lookup_elem(&sink_stats, &zero);

@@ -44,12 +44,16 @@ impl Sockets {
         Ok(Self { bind_ip: bind_ip.to_string(), shared })
     }
 
-    /// Session `i`'s (sender, receiver) sockets.
+    /// Session `i`'s (sender, receiver) sockets. Sessions that send from one socket receive on
+    /// different ones, so the relay's consecutive datagrams go to different destinations.
     pub fn pair(&self, i: usize) -> io::Result<(UdpSocket, UdpSocket)> {
-        match self.shared.get(i % self.shared.len().max(1)) {
-            Some((tx, rx)) => Ok((tx.try_clone()?, rx.try_clone()?)),
-            None => Ok((udp(&format!("{}:0", self.bind_ip))?, udp(&format!("{}:0", self.bind_ip))?)),
+        let n = self.shared.len();
+        if n == 0 {
+            return Ok((udp(&format!("{}:0", self.bind_ip))?, udp(&format!("{}:0", self.bind_ip))?));
         }
+        let tx = self.shared[i % n].0.try_clone()?;
+        let rx = self.shared[(i / n + i) % n].1.try_clone()?;
+        Ok((tx, rx))
     }
 }
 
