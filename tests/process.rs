@@ -40,6 +40,26 @@ fn bad_config_fails_at_startup_naming_the_key() {
     let out = Command::new(BIN).args(["serve", "--idle-timeout", "soon"]).output().unwrap();
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--idle-timeout"));
+
+    // The kernel fast path: an interface is required, and must exist; the mode is one of three.
+    let local = ["--api-listen", "127.0.0.1:0", "--relay-listen", "127.0.0.1:0"];
+    for (extra, key) in [
+        (&["--xdp", "native"][..], "xdp_interface"),
+        (&["--xdp", "generic", "--xdp-interface", "nosuch0"][..], "xdp_interface"),
+        (&["--xdp", "turbo"][..], "--xdp"),
+        (&["--xdp-max-links", "0"][..], "xdp_max_links"),
+    ] {
+        let out = serve(&[&local[..], extra].concat());
+        assert_ne!(out.status.code(), Some(0), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{extra:?}: {err}");
+    }
+    let cfg = std::env::temp_dir().join(format!("ferry-xdp-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "xdp = \"turbo\"\n").unwrap();
+    let out = serve(&[&local[..], &["--config", cfg.to_str().unwrap()][..]].concat());
+    std::fs::remove_file(&cfg).ok();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`xdp`"));
 }
 
 struct Proc {

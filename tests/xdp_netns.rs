@@ -412,3 +412,61 @@ fn forged_and_unlinked_relays_are_left_to_userspace() {
     assert_eq!(host.recv()[3], MessageType::Ping as u8);
     assert!(lab.metric("ferry_xdp_packets_total{result=\"not_relay\"}") > passed);
 }
+
+#[test]
+fn a_driver_that_refuses_the_program_leaves_the_relay_in_userspace_with_a_log_line() {
+    require_root();
+    static SEQ: AtomicU32 = AtomicU32::new(100);
+    let ns = format!("fy{}x{}l", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed));
+    sh(&["ip", "netns", "add", &ns]);
+    sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+    struct Gone(String, Option<Child>);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            if let Some(mut p) = self.1.take() {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+    let log = std::env::temp_dir().join(format!("{ns}.log"));
+    // The loopback device has no driver-mode XDP: native attach fails.
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns, BIN, "serve", "--shards", "1", "--log-lifecycle", "off"])
+        .args(["--api-listen", "127.0.0.1:8080", "--relay-listen", "127.0.0.1:7777"])
+        .args(["--xdp", "native", "--xdp-interface", "lo"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut guard = Gone(ns.clone(), Some(child));
+    let clock = ferry::clock::Clock::new();
+    let start = clock.now();
+    while !in_ns(&ns, || std::net::TcpStream::connect(("127.0.0.1", 8080)).is_ok()) {
+        if let Some(Ok(Some(st))) = guard.1.as_mut().map(|p| p.try_wait()) {
+            panic!("ferry serve exited: {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        assert!(clock.now() - start < 20_000, "the relay's API never came up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_file(&log).ok();
+    assert!(
+        text.contains("the kernel fast path could not be attached; relaying in userspace only"),
+        "{text}"
+    );
+    // The relay works without it: an allocation binds and answers PING.
+    in_ns(&ns, || {
+        let api = ApiClient::new("http://127.0.0.1:8080");
+        let a = api.allocate(1, None).unwrap();
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let peer = Peer::new(&a, sock, "127.0.0.1:7777".parse().unwrap());
+        assert_eq!(peer.bind(1), BIND_RECEIVED);
+        peer.send(&packets::ping(&peer.id, 1));
+        assert_eq!(peer.recv()[3], MessageType::Ping as u8);
+        let m = String::from_utf8(api.raw("GET", "/metrics", None).unwrap().body).unwrap();
+        assert!(!m.contains("ferry_xdp_info"), "no fast path is reported");
+    });
+}
