@@ -6,8 +6,9 @@
 #
 #   benches/compare.sh                                  # everything (about 12 minutes on 2 cores)
 #   PHASES="max latency" TARGETS="b1 ferry" benches/compare.sh
-# Phases: max (maximum rate, ROUNDS rounds), lossfree (bisection), latency (fixed loads, ROUNDS
-# rounds), control (binds/s, allocations/s). GEN_GSO=1 makes the generator send with UDP GSO (fair:
+# Phases: max (maximum rate, ROUNDS rounds), game (the game-like shape at maximum rate: GAME_SESSIONS
+# sessions interleaved over shared sockets, mixed 58–300-byte RELAYs; ROUNDS rounds), lossfree
+# (bisection), latency (fixed loads, ROUNDS rounds), control (binds/s, allocations/s). GEN_GSO=1 makes the generator send with UDP GSO (fair:
 # no target enables UDP_GRO, so every relay still receives ordinary datagrams). MAX_RATE paces the
 # "max" phase at a fixed offered rate above every relay's capacity (0: as fast as possible); a
 # GSO generator needs pacing, or its sender starves its own receiver.
@@ -128,6 +129,19 @@ for round in $(seq "$ROUNDS"); do
       echo "round $round: $t max rate, $size B"
       load "$t" "max-$size" --size "$size" --sessions "$SESSIONS" --rate "${MAX_RATE:-0}" --duration "$DUR" >/dev/null || true
     done
+    cleanup
+  done
+done
+
+for round in $(seq "$ROUNDS"); do
+  has game || break
+  ROUND=$round
+  order=$TARGETS
+  [ $((round % 2)) -eq 1 ] && order=$(echo "$TARGETS" | tr ' ' '\n' | tac | tr '\n' ' ')
+  for t in $order; do
+    start "$t" || { echo "skip $t (not installed)"; continue; }
+    echo "round $round: $t game-like shape, ${GAME_SESSIONS:-1000} sessions"
+    load "$t" "game-max" --shape game --sessions "${GAME_SESSIONS:-1000}" --rate "${MAX_RATE:-0}" --duration "$DUR" >/dev/null || true
     cleanup
   done
 done
