@@ -26,6 +26,8 @@ RELAY_CORE="${RELAY_CORE:-0}"
 GEN_CORE="${GEN_CORE:-1}"
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
+# A TURN session is its own socket pair: the game shape opens thousands.
+ulimit -n 65536 2>/dev/null || true
 : > "$RESULTS"
 
 cargo build --release --quiet
