@@ -262,7 +262,11 @@ impl Peer {
     }
 
     fn relay_to(&self, to: &Peer, payload: &[u8]) {
-        self.send(&packets::relay(&self.id, &to.id, payload).unwrap());
+        self.relay_to_id(&to.id, payload);
+    }
+
+    fn relay_to_id(&self, to: &AllocationId, payload: &[u8]) {
+        self.send(&packets::relay(&self.id, to, payload).unwrap());
     }
 
     /// Asserts that nothing arrives within `ms`.
@@ -512,4 +516,38 @@ fn drain_takes_every_link_out_of_the_kernel_and_sessions_go_on_in_userspace() {
     joiner.exchange(&host, 50, 64);
     assert_eq!(lab.kernel_forwarded(), k, "the kernel forwarded during drain");
     assert_eq!(lab.user_forwarded(), u + 100, "userspace carries the session");
+}
+
+#[test]
+fn a_link_with_a_dtls_client_stays_in_userspace() {
+    let lab = Lab::new();
+    let api = lab.api();
+    let (h, j) = in_ns(&lab.ns("c"), move || {
+        let h = api.allocate(2, None).unwrap();
+        let code = api.join_code(&h.allocation_id).unwrap();
+        (h, api.join(&code).unwrap().allocation)
+    });
+    let host = Peer::new(&h, lab.socket("10.77.0.2"), format!("{RELAY4}:{RELAY_PORT}").parse().unwrap());
+    assert_eq!(host.bind(1), BIND_RECEIVED);
+    host.send(&packets::ping(&host.id, 1));
+    assert_eq!(host.recv()[3], MessageType::Ping as u8);
+    let k = lab.kernel_forwarded();
+    let hid = host.id;
+    let hconn = host.conn.clone();
+    let mut joiner = in_ns(&lab.ns("c"), move || {
+        let mut c = ferry::client::RelayClient::with_transport(&j, ferry::client::Transport::Dtls).unwrap();
+        c.bind().unwrap();
+        assert_eq!(c.connect(&hconn).unwrap(), hid);
+        c
+    });
+    for i in 0..10u8 {
+        joiner.send(&host.id, &[i; 100]).unwrap();
+        let d = host.recv();
+        assert_eq!(&d[38..], &[i; 100]);
+        host.relay_to_id(&joiner.id(), &[i; 60]);
+        let (from, p) = joiner.recv_relay(Duration::from_secs(5)).unwrap().expect("a RELAY over DTLS");
+        assert_eq!((from, p), (host.id, vec![i; 60]));
+    }
+    assert_eq!(lab.kernel_forwarded(), k, "the kernel cannot seal for a DTLS client");
+    assert!(lab.metric("ferry_xdp_link_updates_total{kind=\"not_plain_udp\"}") >= 1);
 }

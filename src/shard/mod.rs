@@ -30,7 +30,7 @@ use crate::secure::stream::{is_stream, Outbox};
 
 mod uring;
 
-use crate::wire::{MessageType, MAX_DATAGRAM};
+use crate::wire::{AllocationId, MessageType, MAX_DATAGRAM};
 pub use uring::probe as uring_available;
 
 const SOCKET: Token = Token(0);
@@ -255,6 +255,10 @@ pub(crate) struct State {
     streams: HashMap<SocketAddr, Outbox>,
     /// The kernel fast path's links map, when it is attached.
     links: Option<crate::xdp::LinkMap>,
+    /// The links this shard put in the kernel, with the addresses they join, and by address (so
+    /// an address that starts speaking DTLS takes its links out: the kernel forwards plain UDP).
+    published: HashMap<(AllocationId, AllocationId), [SocketAddr; 2]>,
+    published_at: HashMap<SocketAddr, Vec<(AllocationId, AllocationId)>>,
 }
 
 /// Where a received datagram goes.
@@ -294,6 +298,8 @@ impl State {
             pending: VecDeque::new(),
             streams: HashMap::new(),
             links,
+            published: HashMap::new(),
+            published_at: HashMap::new(),
             index: setup_index,
             backend,
             core: Core::new(core, now),
@@ -413,6 +419,9 @@ impl State {
         let mut verdict = Verdict::Done;
         if matches!(r, Received::Records | Received::Established(_)) {
             let records = layer.records().to_vec();
+            if matches!(r, Received::Established(_)) {
+                self.unlink_addr(now, src);
+            }
             for (i, &(a, b)) in records.iter().enumerate() {
                 let msg = &plain[a..b];
                 // A record names its allocation; only this shard's are served from this session.
@@ -465,7 +474,7 @@ impl State {
     /// neither is left (an answer may expire an allocation, which takes its links down). Runs
     /// before anything the same step produced is sent.
     pub fn sync_kernel(&mut self, now: Millis) {
-        let Some(links) = &self.links else { return };
+        let Some(links) = self.links.clone() else { return };
         loop {
             let mut idle = true;
             while let Some(c) = self.core.poll_kernel_check() {
@@ -475,13 +484,54 @@ impl State {
             }
             while let Some(op) = self.core.poll_link_op() {
                 idle = false;
-                for (id, ago) in links.apply(&op).into_iter().flatten() {
-                    self.core.kernel_activity(&id, now.saturating_sub(ago));
-                }
+                self.apply_link(&links, now, &op);
             }
             if idle {
                 return;
             }
+        }
+    }
+
+    /// One link op of the core, for the kernel. Only links between plain-UDP clients go in: the
+    /// kernel cannot seal for a DTLS client or write to a WebSocket.
+    fn apply_link(&mut self, links: &crate::xdp::LinkMap, now: Millis, op: &crate::core::LinkOp) {
+        use crate::core::LinkOp;
+        match *op {
+            LinkOp::Up { host, host_addr, joiner, joiner_addr } => {
+                let plain = |a: &SocketAddr| !is_stream(a) && !self.dtls.as_ref().is_some_and(|d| d.has(a));
+                if !plain(&host_addr) || !plain(&joiner_addr) {
+                    links.stats.not_plain_udp.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+                links.apply(op);
+                self.published.insert((host, joiner), [host_addr, joiner_addr]);
+                for a in [host_addr, joiner_addr] {
+                    self.published_at.entry(a).or_default().push((host, joiner));
+                }
+            }
+            LinkOp::Down { host, joiner } => {
+                for (id, ago) in links.apply(op).into_iter().flatten() {
+                    self.core.kernel_activity(&id, now.saturating_sub(ago));
+                }
+                if let Some(addrs) = self.published.remove(&(host, joiner)) {
+                    for a in addrs {
+                        if let Some(v) = self.published_at.get_mut(&a) {
+                            v.retain(|&l| l != (host, joiner));
+                            if v.is_empty() {
+                                self.published_at.remove(&a);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes out of the kernel every link that forwards from or to `addr` (it now speaks DTLS).
+    fn unlink_addr(&mut self, now: Millis, addr: SocketAddr) {
+        let Some(links) = self.links.clone() else { return };
+        for (host, joiner) in self.published_at.get(&addr).cloned().unwrap_or_default() {
+            self.apply_link(&links, now, &crate::core::LinkOp::Down { host, joiner });
         }
     }
 
@@ -540,6 +590,7 @@ impl State {
                     if let Some(d) = &mut self.dtls {
                         d.adopt(addr, *session);
                     }
+                    self.unlink_addr(now, addr);
                 }
                 Ok(ShardMsg::WithdrawLinks) => {
                     self.core.withdraw_links();

@@ -253,6 +253,8 @@ pub struct LinkMapStats {
     pub mixed_family: AtomicU64,
     /// Updates the kernel refused (the map is full); those links stay in userspace.
     pub errors: AtomicU64,
+    /// Links with a DTLS or WebSocket client at one end (the kernel forwards plain UDP only).
+    pub not_plain_udp: AtomicU64,
 }
 
 /// A shard's handle on the links map.
@@ -376,9 +378,13 @@ impl Observer {
         let _ =
             writeln!(o, "# HELP ferry_xdp_link_updates_total Changes to the fast path's links map, by kind.");
         let _ = writeln!(o, "# TYPE ferry_xdp_link_updates_total counter");
-        for (k, a) in
-            [("up", &s.ups), ("down", &s.downs), ("refused", &s.errors), ("mixed_family", &s.mixed_family)]
-        {
+        for (k, a) in [
+            ("up", &s.ups),
+            ("down", &s.downs),
+            ("refused", &s.errors),
+            ("mixed_family", &s.mixed_family),
+            ("not_plain_udp", &s.not_plain_udp),
+        ] {
             let _ = writeln!(o, "ferry_xdp_link_updates_total{{kind=\"{k}\"}} {}", a.load(Ordering::Relaxed));
         }
     }
