@@ -244,6 +244,41 @@ static __always_inline struct link *lookup(const __u8 *m, void *end)
     return bpf_map_lookup_elem(&links, &k);
 }
 
+// What both families check once the UDP payload's length is known: its size, the RELAY, and the
+// link. Returns the link, or 0 with the reason in *why.
+static __always_inline struct link *relay_link(const __u8 *m, void *end, __u32 ulen, __u32 *why)
+{
+    if (ulen > MAX_DATAGRAM) {
+        *why = R_MALFORMED;
+        return 0;
+    }
+    if (!relay_ok(m, end, ulen)) {
+        *why = R_NOT_RELAY;
+        return 0;
+    }
+    struct link *l = lookup(m, end);
+    if (!l)
+        *why = R_NO_LINK;
+    return l;
+}
+
+// (peer → relay) becomes (relay → recipient): the UDP ports, and the checksum for those and for
+// the address change old_addr → new_addr (`words` 16-bit words each). An IPv4 datagram sent
+// without a checksum (`optional`, 0) keeps none.
+static __always_inline void rewrite_udp(struct udp *udp, const void *old_addr, const void *new_addr, int words,
+                                        __u16 to_port, int optional)
+{
+    __u16 old_port[2] = {udp->source, udp->dest};
+    __u16 new_port[2] = {udp->dest, to_port};
+    if (!optional || udp->check) {
+        __u16 c = csum_replace(udp->check, old_addr, new_addr, words);
+        c = csum_replace(c, old_port, new_port, 2);
+        udp->check = c ? c : 0xffff;
+    }
+    udp->source = new_port[0];
+    udp->dest = new_port[1];
+}
+
 static __always_inline void touch(struct link *l, __u64 bytes)
 {
     __sync_fetch_and_add(&l->packets, 1);
@@ -271,14 +306,10 @@ static __always_inline int v4(struct xdp_md *ctx, const struct config *cfg, stru
     if (tot != sizeof(*ip) + ulen || ulen < sizeof(*udp) || (void *)ip + tot > end)
         return pass(R_MALFORMED, 0);
     ulen -= sizeof(*udp);
-    if (ulen > MAX_DATAGRAM)
-        return pass(R_MALFORMED, ulen);
-    const __u8 *m = (const __u8 *)(udp + 1);
-    if (!relay_ok(m, end, ulen))
-        return pass(R_NOT_RELAY, ulen);
-    struct link *l = lookup(m, end);
+    __u32 why = R_NO_LINK;
+    struct link *l = relay_link((const __u8 *)(udp + 1), end, ulen, &why);
     if (!l)
-        return pass(R_NO_LINK, ulen);
+        return pass(why, ulen);
     if (l->family != AF_INET || *(__u32 *)l->from_ip != ip->saddr || l->from_port != udp->source)
         return pass(R_WRONG_SOURCE, ulen);
 
@@ -291,20 +322,11 @@ static __always_inline int v4(struct xdp_md *ctx, const struct config *cfg, stru
     if (!routable(ctx, cfg, &fib))
         return pass(R_NO_ROUTE, ulen);
 
-    // Addresses and ports: (peer → relay) becomes (relay → recipient).
     __u32 old_addr[2] = {ip->saddr, ip->daddr};
     __u32 new_addr[2] = {ip->daddr, *(__u32 *)l->to_ip};
-    __u16 old_port[2] = {udp->source, udp->dest};
-    __u16 new_port[2] = {udp->dest, l->to_port};
-    if (udp->check) {
-        __u16 c = csum_replace(udp->check, old_addr, new_addr, 4);
-        c = csum_replace(c, old_port, new_port, 2);
-        udp->check = c ? c : 0xffff;
-    }
+    rewrite_udp(udp, old_addr, new_addr, 4, l->to_port, 1);
     ip->saddr = new_addr[0];
     ip->daddr = new_addr[1];
-    udp->source = new_port[0];
-    udp->dest = new_port[1];
     ip->ttl = 64;
     ip->check = 0;
     ip->check = ~fold(sum16(ip, 10));
@@ -331,14 +353,10 @@ static __always_inline int v6(struct xdp_md *ctx, const struct config *cfg, stru
     if (plen != ulen || ulen < sizeof(*udp) || (void *)udp + ulen > end)
         return pass(R_MALFORMED, 0);
     ulen -= sizeof(*udp);
-    if (ulen > MAX_DATAGRAM)
-        return pass(R_MALFORMED, ulen);
-    const __u8 *m = (const __u8 *)(udp + 1);
-    if (!relay_ok(m, end, ulen))
-        return pass(R_NOT_RELAY, ulen);
-    struct link *l = lookup(m, end);
+    __u32 why = R_NO_LINK;
+    struct link *l = relay_link((const __u8 *)(udp + 1), end, ulen, &why);
     if (!l)
-        return pass(R_NO_LINK, ulen);
+        return pass(why, ulen);
     if (l->family != AF_INET6 || !same16(l->from_ip, ip->saddr) || l->from_port != udp->source)
         return pass(R_WRONG_SOURCE, ulen);
 
@@ -355,14 +373,8 @@ static __always_inline int v6(struct xdp_md *ctx, const struct config *cfg, stru
     __builtin_memcpy(old_addr, ip->saddr, 32);
     __builtin_memcpy(new_addr, ip->daddr, 16);
     __builtin_memcpy(new_addr + 16, l->to_ip, 16);
-    __u16 old_port[2] = {udp->source, udp->dest};
-    __u16 new_port[2] = {udp->dest, l->to_port};
-    __u16 c = csum_replace(udp->check, old_addr, new_addr, 16);
-    c = csum_replace(c, old_port, new_port, 2);
-    udp->check = c ? c : 0xffff;
+    rewrite_udp(udp, old_addr, new_addr, 16, l->to_port, 0);
     __builtin_memcpy(ip->saddr, new_addr, 32);
-    udp->source = new_port[0];
-    udp->dest = new_port[1];
     ip->hop_limit = 64;
 
     touch(l, ulen);

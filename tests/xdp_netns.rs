@@ -8,7 +8,6 @@
 //! past the idle timeout; forged and unlinked RELAYs are left to userspace, which refuses them.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -28,10 +27,8 @@ const API_PORT: u16 = 8080;
 const TOKEN: &str = "xdp-test-token-0123456789";
 const IDLE_MS: u64 = 1500;
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
+mod netns;
+use netns::{in_ns, sh};
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -40,20 +37,6 @@ fn require_root() {
         0,
         "the fast-path tests attach XDP in network namespaces: run them as root"
     );
-}
-
-/// Runs `f` on a thread inside namespace `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on this thread only, with a namespace descriptor that stays open.
-        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 /// Two namespaces joined by a veth pair: the relay's (`r0`, native XDP) and the clients' (`c0`).
@@ -101,9 +84,7 @@ impl Lab {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let path = format!("/run/netns/{c}");
         std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).unwrap();
-            // SAFETY: as in `in_ns`.
-            assert_eq!(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            netns::enter(&path);
             let held = ferry::xdp::attach_pass("c0", ferry::xdp::XdpMode::Native);
             let ok = held.as_ref().map(|_| ()).map_err(|e| e.to_string());
             ready_tx.send(ok).unwrap();

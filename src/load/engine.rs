@@ -311,24 +311,7 @@ pub fn run(
             last_progress = now;
             progress((now.saturating_sub(start)) as f64 / (end - start) as f64);
         }
-        let n = if spec.rate == 0 {
-            BATCH
-        } else {
-            let due = ((now - start) as u128 * spec.rate as u128 / 1_000_000_000) as u64;
-            let d = due.saturating_sub(sent_total);
-            if d == 0 {
-                // Never spin: the receiver shares this core and must not wait for our time slice.
-                let next_due = start + ((sent_total + 1) as u128 * 1_000_000_000 / spec.rate as u128) as u64;
-                let wait = next_due.saturating_sub(now);
-                if wait > 20_000 {
-                    std::thread::sleep(Duration::from_nanos(wait));
-                } else {
-                    std::thread::yield_now();
-                }
-                continue;
-            }
-            (d as usize).min(BATCH)
-        };
+        let Some(n) = due(now, start, spec.rate, sent_total) else { continue };
         let (_, dst, header) = &txs[k];
         let dst: SocketAddr = *dst;
         items.clear();

@@ -139,6 +139,47 @@ fn link<'a>(links: &'a Links, m: &[u8]) -> Option<&'a Link> {
     links.get(&(from, to))
 }
 
+/// What both families check once the UDP payload's length is known: its size, the RELAY, the
+/// link, and that the sender is where `from` is bound (`relay_link` and the source check in the
+/// program).
+fn relay_link<'a>(
+    links: &'a Links,
+    m: &[u8],
+    ulen: usize,
+    src: SocketAddr,
+) -> Result<&'a Link, (Reason, u64)> {
+    let b = ulen as u64;
+    if ulen > MAX_DATAGRAM {
+        return Err((Reason::Malformed, b));
+    }
+    if !relay_ok(m, ulen) {
+        return Err((Reason::NotRelay, b));
+    }
+    let l = link(links, m).ok_or((Reason::NoLink, b))?;
+    // One family per entry: a frame of the other family is not from `from`.
+    if l.from != src || l.to.is_ipv4() != src.is_ipv4() {
+        return Err((Reason::WrongSource, b));
+    }
+    Ok(l)
+}
+
+/// (peer → relay) becomes (relay → recipient): the UDP ports, and the checksum for those and for
+/// the address change `old_addr → new_addr`. An IPv4 datagram sent without a checksum
+/// (`optional`, 0) keeps none.
+fn rewrite_udp(f: &mut [u8], udp: usize, old_addr: &[u8], new_addr: &[u8], to_port: u16, optional: bool) {
+    let old_port: [u8; 4] = f[udp..udp + 4].try_into().expect("4 bytes");
+    let mut new_port = [0u8; 4];
+    new_port[..2].copy_from_slice(&old_port[2..]);
+    new_port[2..].copy_from_slice(&to_port.to_be_bytes());
+    let check = u16::from_ne_bytes([f[udp + 6], f[udp + 7]]);
+    if !optional || check != 0 {
+        let c = csum_replace(check, old_addr, new_addr);
+        let c = csum_replace(c, &old_port, &new_port);
+        f[udp + 6..udp + 8].copy_from_slice(&(if c != 0 { c } else { 0xffff }).to_ne_bytes());
+    }
+    f[udp..udp + 4].copy_from_slice(&new_port);
+}
+
 fn v4(listen: &[Endpoint], links: &Links, f: &mut [u8]) -> Step {
     if f.len() < ETH + IPV4 {
         return Err((Reason::Malformed, 0));
@@ -171,37 +212,14 @@ fn v4(listen: &[Endpoint], links: &Links, f: &mut [u8]) -> Step {
         return Err((Reason::Malformed, 0));
     }
     let ulen = ulen - UDP;
-    if ulen > MAX_DATAGRAM {
-        return Err((Reason::Malformed, ulen as u64));
-    }
-    let m = udp + UDP;
-    if !relay_ok(&f[m..], ulen) {
-        return Err((Reason::NotRelay, ulen as u64));
-    }
-    let Some(l) = link(links, &f[m..]) else { return Err((Reason::NoLink, ulen as u64)) };
-    let (IpAddr::V4(from_ip), IpAddr::V4(to_ip)) = (l.from.ip(), l.to.ip()) else {
-        return Err((Reason::WrongSource, ulen as u64));
-    };
-    if from_ip != saddr || l.from.port() != sport {
-        return Err((Reason::WrongSource, ulen as u64));
-    }
-    // (peer → relay) becomes (relay → recipient).
+    let l = relay_link(links, &f[udp + UDP..], ulen, SocketAddr::new(saddr.into(), sport))?;
+    let IpAddr::V4(to_ip) = l.to.ip() else { return Err((Reason::WrongSource, ulen as u64)) };
     let old_addr: [u8; 8] = f[ip + 12..ip + 20].try_into().expect("8 bytes");
     let mut new_addr = [0u8; 8];
     new_addr[..4].copy_from_slice(&daddr.octets());
     new_addr[4..].copy_from_slice(&to_ip.octets());
-    let old_port: [u8; 4] = f[udp..udp + 4].try_into().expect("4 bytes");
-    let mut new_port = [0u8; 4];
-    new_port[..2].copy_from_slice(&dport.to_be_bytes());
-    new_port[2..].copy_from_slice(&l.to.port().to_be_bytes());
-    let check = u16::from_ne_bytes([f[udp + 6], f[udp + 7]]);
-    if check != 0 {
-        let c = csum_replace(check, &old_addr, &new_addr);
-        let c = csum_replace(c, &old_port, &new_port);
-        f[udp + 6..udp + 8].copy_from_slice(&(if c != 0 { c } else { 0xffff }).to_ne_bytes());
-    }
+    rewrite_udp(f, udp, &old_addr, &new_addr, l.to.port(), true);
     f[ip + 12..ip + 20].copy_from_slice(&new_addr);
-    f[udp..udp + 4].copy_from_slice(&new_port);
     f[ip + 8] = 64;
     f[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
     let c = !fold(sum16(&f[ip..ip + IPV4]));
@@ -237,34 +255,14 @@ fn v6(listen: &[Endpoint], links: &Links, f: &mut [u8]) -> Step {
         return Err((Reason::Malformed, 0));
     }
     let ulen = ulen - UDP;
-    if ulen > MAX_DATAGRAM {
-        return Err((Reason::Malformed, ulen as u64));
-    }
-    let m = udp + UDP;
-    if !relay_ok(&f[m..], ulen) {
-        return Err((Reason::NotRelay, ulen as u64));
-    }
-    let Some(l) = link(links, &f[m..]) else { return Err((Reason::NoLink, ulen as u64)) };
-    let (IpAddr::V6(from_ip), IpAddr::V6(to_ip)) = (l.from.ip(), l.to.ip()) else {
-        return Err((Reason::WrongSource, ulen as u64));
-    };
-    if from_ip != saddr || l.from.port() != sport {
-        return Err((Reason::WrongSource, ulen as u64));
-    }
+    let l = relay_link(links, &f[udp + UDP..], ulen, SocketAddr::new(saddr.into(), sport))?;
+    let IpAddr::V6(to_ip) = l.to.ip() else { return Err((Reason::WrongSource, ulen as u64)) };
     let old_addr: [u8; 32] = f[ip + 8..ip + 40].try_into().expect("32 bytes");
     let mut new_addr = [0u8; 32];
     new_addr[..16].copy_from_slice(&daddr.octets());
     new_addr[16..].copy_from_slice(&to_ip.octets());
-    let old_port: [u8; 4] = f[udp..udp + 4].try_into().expect("4 bytes");
-    let mut new_port = [0u8; 4];
-    new_port[..2].copy_from_slice(&dport.to_be_bytes());
-    new_port[2..].copy_from_slice(&l.to.port().to_be_bytes());
-    let check = u16::from_ne_bytes([f[udp + 6], f[udp + 7]]);
-    let c = csum_replace(check, &old_addr, &new_addr);
-    let c = csum_replace(c, &old_port, &new_port);
-    f[udp + 6..udp + 8].copy_from_slice(&(if c != 0 { c } else { 0xffff }).to_ne_bytes());
+    rewrite_udp(f, udp, &old_addr, &new_addr, l.to.port(), false);
     f[ip + 8..ip + 40].copy_from_slice(&new_addr);
-    f[udp..udp + 4].copy_from_slice(&new_port);
     f[ip + 7] = 64;
     Ok((l.to, ulen as u64))
 }
