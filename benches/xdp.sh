@@ -22,6 +22,8 @@ ROUNDS="${ROUNDS:-3}"
 SIZES="${SIZES:-64 1200}"
 TARGETS="${TARGETS:-b1 ferry ferry-xdp}"
 SHAPE="${SHAPE:-burst}"
+# The game shape mixes its own sizes.
+[ "$SHAPE" = game ] && SIZES=0
 SESSIONS="${SESSIONS:-4}"
 DUR="${DUR:-4}"
 RELAY_CPU="${RELAY_CPU:-0}"
@@ -151,8 +153,16 @@ run_load() {
   ip netns exec "$C" taskset -c "$GEN_CPU" "$FERRY" load $LOAD_ARGS --bind-ip 10.78.0.2 --sessions "$SESSIONS" \
     "${shape_args[@]}" ${GEN_GSO:+--gso} --rate "$rate" --warmup 1s --duration "${DUR}s" --json > "$OUT/load.json" 2>>"$OUT/errors.log" &
   local lp=$!
-  # Sample the relay CPU over the middle of the measured window (setup and warm-up excluded).
-  sleep 2.5
+  # Sample the relay CPU inside the measured window: wait for traffic to reach the sink (set-up
+  # of a thousand sessions takes a few seconds), then for the 1 s warm-up.
+  local base
+  base=$(cut -d' ' -f1 "$SINK")
+  for _ in $(seq 1200); do
+    [ "$(cut -d' ' -f1 "$SINK")" -gt "$((base + 1000))" ] && break
+    kill -0 "$lp" 2>/dev/null || break
+    sleep 0.05
+  done
+  sleep 1.3
   local t0 b0 s0 t1 b1 s1
   t0=$(date +%s%N); b0=$(busy "$RELAY_CPU"); s0=$(cut -d' ' -f1 "$SINK")
   sleep "$((DUR - 2))"
@@ -184,7 +194,7 @@ for round in $(seq "$ROUNDS"); do
       # relay overloaded past its capacity delivers less (its core also runs the receive path
       # that fills its socket), so each path is credited with its best delivered rate.
       d0=""
-      for mult in 0 1.0 1.2 1.4 1.6; do
+      for mult in ${MULTS:-0 1.0 1.3 1.6}; do
         rate=0
         if [ "$mult" != 0 ]; then
           rate=$(python3 -c "print(int(float('$d0') * $mult))")
@@ -219,12 +229,12 @@ med = lambda rs, k: statistics.median([x[k] for x in rs if x.get(k) is not None]
 print("| path | size | offered pps | delivered pps | relay CPU busy | ns per datagram | datagrams/s per core |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 for (n, s), rs in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-    print(f"| {n} | {s} B | {med(rs,'offered_pps'):,.0f} | {med(rs,'delivered_pps'):,.0f} | {100*med(rs,'relay_cpu_busy'):.1f} % | "
+    print(f"| {n} | {f'{s} B' if s else 'mixed'} | {med(rs,'offered_pps'):,.0f} | {med(rs,'delivered_pps'):,.0f} | {100*med(rs,'relay_cpu_busy'):.1f} % | "
           f"{med(rs,'ns_per_datagram'):,.0f} | {med(rs,'per_core_pps'):,.0f} |")
 for s in sorted({k[1] for k in by}):
     u, x = by.get(("ferry", s)), by.get(("ferry-xdp", s))
     b = by.get(("b1", s))
     if u and x:
-        print(f"\n{s} B: fast path per core = {med(x,'per_core_pps')/med(u,'per_core_pps'):.1f}x Ferry's userspace path"
+        print(f"\n{f'{s} B' if s else 'game shape'}: fast path per core = {med(x,'per_core_pps')/med(u,'per_core_pps'):.1f}x Ferry's userspace path"
               + (f", {med(x,'per_core_pps')/med(b,'per_core_pps'):.1f}x B1" if b else ""))
 PY
