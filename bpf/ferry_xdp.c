@@ -442,6 +442,8 @@ int ferry_xdp_sink(struct xdp_md *ctx)
     } else {
         return XDP_PASS;
     }
+    if ((void *)(udp + 1) > end)
+        return XDP_PASS;
     const __u8 *m = (const __u8 *)(udp + 1);
     __u16 sport = bpf_ntohs(udp->source);
     int relayed = sport >= SINK_PORT_LO && sport < SINK_PORT_HI;

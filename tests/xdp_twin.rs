@@ -118,6 +118,13 @@ fn totals(p: &Program) -> Vec<(Reason, u64, u64)> {
 }
 
 #[test]
+fn every_program_in_the_object_passes_the_verifier() {
+    require_root();
+    let names = ferry::xdp::verify_object().expect("the verifier accepts bpf/ferry_xdp.o");
+    assert_eq!(names, ["ferry_xdp", "ferry_xdp_pass", "ferry_xdp_sink"]);
+}
+
+#[test]
 fn the_program_and_its_twin_agree_frame_for_frame() {
     require_root();
     let program = Program::load(64, &[], L2::Reflect).expect("load bpf/ferry_xdp.o");

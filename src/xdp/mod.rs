@@ -183,6 +183,22 @@ pub fn attach_pass(interface: &str, mode: XdpMode) -> io::Result<aya::Ebpf> {
     attach_helper("ferry_xdp_pass", interface, mode)
 }
 
+/// Loads every program of the object into the kernel (the verifier's verdict on each), attaching
+/// none. Returns their names.
+pub fn verify_object() -> io::Result<Vec<String>> {
+    let mut ebpf =
+        aya::Ebpf::load(OBJECT).map_err(|e| io::Error::other(format!("loading bpf/ferry_xdp.o: {e}")))?;
+    let mut names = Vec::new();
+    for (name, prog) in ebpf.programs_mut() {
+        let xdp: &mut aya::programs::Xdp =
+            prog.try_into().map_err(|e| io::Error::other(format!("{name}: {e}")))?;
+        xdp.load().map_err(|e| io::Error::other(format!("{name}: {e}")))?;
+        names.push(name.to_string());
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// The benchmark's sink on `interface`: counts and drops RELAY datagrams, passes the rest.
 /// [`sink_counts`] reads what it counted.
 pub fn attach_sink(interface: &str) -> io::Result<aya::Ebpf> {
