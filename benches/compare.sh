@@ -27,7 +27,7 @@ GEN_CORE="${GEN_CORE:-1}"
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 # A TURN session is its own socket pair: the game shape opens thousands.
-ulimit -n 65536 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 : > "$RESULTS"
 
 cargo build --release --quiet

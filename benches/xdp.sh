@@ -149,7 +149,7 @@ run_load() {
   local name=$1 size=$2 round=$3 rate=$4
   local shape_args=(--size "$size")
   [ "$SHAPE" = game ] && shape_args=(--shape game --sockets 8)
-  ulimit -n 65536
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   ip netns exec "$C" taskset -c "$GEN_CPU" "$FERRY" load $LOAD_ARGS --bind-ip 10.78.0.2 --sessions "$SESSIONS" \
     "${shape_args[@]}" ${GEN_GSO:+--gso} --rate "$rate" --warmup 1s --duration "${DUR}s" --json > "$OUT/load.json" 2>>"$OUT/errors.log" &
   local lp=$!
@@ -225,7 +225,9 @@ for r in rows:
 by = {}
 for (n, s, _), r in best.items():
     by.setdefault((n, s), []).append(r)
-med = lambda rs, k: statistics.median([x[k] for x in rs if x.get(k) is not None]) if rs else float("nan")
+def med(rs, k):
+    v = [x[k] for x in rs if x.get(k) is not None]
+    return statistics.median(v) if v else float("nan")
 print("| path | size | offered pps | delivered pps | relay CPU busy | ns per datagram | datagrams/s per core |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 for (n, s), rs in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):

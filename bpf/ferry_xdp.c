@@ -416,11 +416,9 @@ struct {
 
 // The benchmark's sink (benches/xdp.sh): counts and drops the relayed datagrams arriving at the
 // clients' interface, so the generator's core only sends and every path is measured at the
-// same point: RELAY messages, and datagrams from the TURN relays' relayed addresses (source
-// ports SINK_PORT_LO..SINK_PORT_HI, the range the benchmark gives them). Everything else
-// (BIND_RECEIVED, ACCEPTED, TURN responses, the API) passes.
-#define SINK_PORT_LO 40000
-#define SINK_PORT_HI 50000
+// same point: RELAY messages, and TURN ChannelData (first two bits 01: the TURN relays carry
+// the same traffic client to client over channels). Everything else (BIND_RECEIVED, ACCEPTED,
+// PING, STUN-format TURN responses, the API) passes.
 SEC("xdp")
 int ferry_xdp_sink(struct xdp_md *ctx)
 {
@@ -445,9 +443,11 @@ int ferry_xdp_sink(struct xdp_md *ctx)
     if ((void *)(udp + 1) > end)
         return XDP_PASS;
     const __u8 *m = (const __u8 *)(udp + 1);
-    __u16 sport = bpf_ntohs(udp->source);
-    int relayed = sport >= SINK_PORT_LO && sport < SINK_PORT_HI;
-    if (!relayed && ((void *)(m + 4) > end || m[0] != 0xDA || m[1] != 0x72 || m[3] != 10))
+    if ((void *)(m + 4) > end)
+        return XDP_PASS;
+    int relay = m[0] == 0xDA && m[1] == 0x72 && m[3] == 10;
+    int channel_data = (m[0] & 0xC0) == 0x40;
+    if (!relay && !channel_data)
         return XDP_PASS;
     __u32 zero = 0;
     struct counter *c = bpf_map_lookup_elem(&sink_stats, &zero);

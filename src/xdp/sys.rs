@@ -109,6 +109,12 @@ impl RawMap {
 /// Runs an XDP program once over `frame` (`BPF_PROG_TEST_RUN`): its return code and the frame
 /// as it left the program.
 pub fn test_run(prog: BorrowedFd<'_>, frame: &[u8]) -> io::Result<(u32, Vec<u8>)> {
+    test_run_repeat(prog, frame, 1).map(|(r, out, _)| (r, out))
+}
+
+/// Runs an XDP program `repeat` times over `frame`: its return code, the frame as the last run
+/// left it, and the kernel's average nanoseconds per run.
+pub fn test_run_repeat(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> io::Result<(u32, Vec<u8>, u32)> {
     let mut out = vec![0u8; frame.len() + 256];
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
@@ -116,12 +122,12 @@ pub fn test_run(prog: BorrowedFd<'_>, frame: &[u8]) -> io::Result<(u32, Vec<u8>)
         data_size_out: out.len() as u32,
         data_in: frame.as_ptr() as u64,
         data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
+        repeat,
         ..Default::default()
     };
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
     out.truncate(attr.data_size_out as usize);
-    Ok((attr.retval, out))
+    Ok((attr.retval, out, attr.duration))
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
