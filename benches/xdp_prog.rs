@@ -7,9 +7,9 @@
 
 use std::net::SocketAddr;
 
+use ferry::wire::AllocationId;
 use ferry::xdp::layout::{self, Endpoint, Link, L2};
 use ferry::xdp::{frames, sys, Program};
-use ferry::wire::AllocationId;
 
 fn main() {
     // SAFETY: geteuid has no preconditions.
@@ -18,7 +18,8 @@ fn main() {
         std::process::exit(1);
     }
     let relay: SocketAddr = "10.9.0.1:7777".parse().unwrap();
-    let (a, b): (SocketAddr, SocketAddr) = ("10.9.0.2:4000".parse().unwrap(), "10.9.0.3:5000".parse().unwrap());
+    let (a, b): (SocketAddr, SocketAddr) =
+        ("10.9.0.2:4000".parse().unwrap(), "10.9.0.3:5000".parse().unwrap());
     let p = Program::load(1024, &Endpoint::for_listen(relay), L2::Reflect).expect("load");
     let (h, j) = (AllocationId([1; 16]), AllocationId([2; 16]));
     p.raw_links().update(&layout::link_key(&h, &j), &Link::new(a, b).unwrap().encode()).unwrap();
