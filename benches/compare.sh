@@ -14,6 +14,7 @@
 # GSO generator needs pacing, or its sender starves its own receiver.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/turn-servers.sh
 OUT="${OUT:-target/compare}"
 ROUNDS="${ROUNDS:-3}"
 SESSIONS="${SESSIONS:-1}"
@@ -68,34 +69,11 @@ start() {
         --api-listen 127.0.0.1:17880 --api-rate-limit 1000000 --drain-timeout 0s --log-format json 2>>"$OUT/relay-$1.log" &
       PID=$!; LOAD_ARGS="--target ferry --api http://127.0.0.1:17880 --relay-pid $PID" ;;
     coturn)
-      command -v turnserver >/dev/null || return 1
-      rm -f "$OUT/coturn.pid"
-      taskset -c "$RELAY_CORE" turnserver -n --listening-ip=127.0.0.1 --listening-port=13478 --relay-ip=127.0.0.1 \
-        --min-port=40000 --max-port=45000 --lt-cred-mech --user=ferry:ferry --realm=ferry --no-tls --no-dtls \
-        --allow-loopback-peers --no-cli --no-stdout-log --log-file=/dev/null --pidfile="$OUT/coturn.pid" >/dev/null 2>&1 &
-      for _ in $(seq 50); do [ -s "$OUT/coturn.pid" ] && break; sleep 0.1; done
-      PID=$(cat "$OUT/coturn.pid"); LOAD_ARGS="--target turn --relay 127.0.0.1:13478 --relay-pid $PID" ;;
+      start_coturn 127.0.0.1 "$RELAY_CORE" "$OUT" || return 1
+      LOAD_ARGS="--target turn --relay 127.0.0.1:13478 --relay-pid $PID" ;;
     turnrs)
-      command -v turn-server >/dev/null || return 1
-      cat > "$OUT/turn-rs.toml" <<TOML
-[server]
-realm = "ferry"
-max-threads = 1
-port-range = "45001..49000"
-[[server.interfaces]]
-transport = "udp"
-listen = "127.0.0.1:13479"
-external = "127.0.0.1:13479"
-idle-timeout = 20
-mtu = 1500
-[log]
-level = "error"
-stdout = true
-[auth.static-credentials]
-ferry = "ferry"
-TOML
-      taskset -c "$RELAY_CORE" turn-server --config "$OUT/turn-rs.toml" >/dev/null 2>&1 &
-      PID=$!; LOAD_ARGS="--target turn --relay 127.0.0.1:13479 --relay-pid $PID" ;;
+      start_turnrs 127.0.0.1 "$RELAY_CORE" "$OUT" || return 1
+      LOAD_ARGS="--target turn --relay 127.0.0.1:13479 --relay-pid $PID" ;;
   esac
   sleep 1
 }

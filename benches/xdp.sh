@@ -17,6 +17,7 @@
 # SHAPE=game runs the game-like shape (SESSIONS interleaved sessions, mixed 40-300 B sizes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/turn-servers.sh
 OUT="${OUT:-target/xdp-bench}"
 ROUNDS="${ROUNDS:-3}"
 SIZES="${SIZES:-64 1200}"
@@ -110,34 +111,11 @@ start() {
         --xdp "$xdp" --xdp-interface r0 --drain-timeout 0s --log-format json --log-lifecycle off 2>>"$OUT/relay-$1.log" &
       PID=$!; LOAD_ARGS="--target ferry --api http://10.78.0.1:17880 --token $TOKEN --relay 10.78.0.1:17777" ;;
     coturn)
-      command -v turnserver >/dev/null || return 1
-      rm -f "$OUT/coturn.pid"
-      ip netns exec "$R" taskset -c "$RELAY_CPU" turnserver -n --listening-ip=10.78.0.1 --listening-port=13478 \
-        --relay-ip=10.78.0.1 --min-port=40000 --max-port=45000 --lt-cred-mech --user=ferry:ferry --realm=ferry \
-        --no-tls --no-dtls --no-cli --no-stdout-log --log-file=/dev/null --pidfile="$OUT/coturn.pid" >/dev/null 2>&1 &
-      for _ in $(seq 50); do [ -s "$OUT/coturn.pid" ] && break; sleep 0.1; done
-      PID=$(cat "$OUT/coturn.pid"); LOAD_ARGS="--target turn --relay 10.78.0.1:13478" ;;
+      start_coturn 10.78.0.1 "$RELAY_CPU" "$OUT" ip netns exec "$R" || return 1
+      LOAD_ARGS="--target turn --relay 10.78.0.1:13478" ;;
     turnrs)
-      command -v turn-server >/dev/null || return 1
-      cat > "$OUT/turn-rs.toml" <<TOML
-[server]
-realm = "ferry"
-max-threads = 1
-port-range = "45001..49000"
-[[server.interfaces]]
-transport = "udp"
-listen = "10.78.0.1:13479"
-external = "10.78.0.1:13479"
-idle-timeout = 20
-mtu = 1500
-[log]
-level = "error"
-stdout = true
-[auth.static-credentials]
-ferry = "ferry"
-TOML
-      ip netns exec "$R" taskset -c "$RELAY_CPU" turn-server --config "$OUT/turn-rs.toml" >/dev/null 2>&1 &
-      PID=$!; LOAD_ARGS="--target turn --relay 10.78.0.1:13479" ;;
+      start_turnrs 10.78.0.1 "$RELAY_CPU" "$OUT" ip netns exec "$R" || return 1
+      LOAD_ARGS="--target turn --relay 10.78.0.1:13479" ;;
   esac
   sleep 1.5
 }
