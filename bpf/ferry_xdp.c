@@ -46,6 +46,7 @@ struct endpoint {
 
 #define MODE_FIB 0     // next hop from the kernel's FIB (the default)
 #define MODE_REFLECT 1 // swap MAC addresses and send back out (single-gateway hosts, tests)
+#define HOP_TTL_NS 1000000000ULL // how long a link's cached next hop is used
 
 struct config {
     struct endpoint listen[MAX_LISTEN];
@@ -68,6 +69,13 @@ struct link {
     __u64 packets;    // RELAYs from `from` forwarded here
     __u64 bytes;      // their UDP payload bytes
     __u64 last_ns;    // bpf_ktime_get_ns() of the latest
+    // The next hop as bpf_fib_lookup last found it for this link (MODE_FIB). It is looked up
+    // again once it is HOP_TTL_NS old, so a route or neighbour change reaches the link within
+    // that time; userspace writes zeros (looked up on the first RELAY).
+    __u8 dmac[6];
+    __u8 smac[6];
+    __u32 ifindex;
+    __u64 hop_ns;     // when it was looked up; 0: never
 };
 
 struct counter {
@@ -204,21 +212,34 @@ static __always_inline int relay_ok(const __u8 *m, void *end, __u32 ulen)
     return ulen == RELAY_HEADER + n;
 }
 
-// The next hop toward the recipient, before anything is rewritten: with no route or no
-// neighbour entry yet the datagram goes to the stack as it came (and the stack resolves it).
-static __always_inline int routable(struct xdp_md *ctx, const struct config *cfg, struct bpf_fib_lookup *fib)
+// Whether the link's next hop must be looked up (again) before it is used.
+static __always_inline int hop_stale(const struct config *cfg, const struct link *l, __u64 now)
 {
-    if (cfg->mode == MODE_REFLECT)
-        return 1;
+    return cfg->mode != MODE_REFLECT && (l->hop_ns == 0 || now - l->hop_ns >= HOP_TTL_NS);
+}
+
+// Looks up the next hop toward the recipient, before anything is rewritten, and caches it in
+// the link: with no route or no neighbour entry yet the datagram goes to the stack as it came
+// (and the stack resolves it). `fib` holds the family, addresses and length. Two CPUs
+// refreshing one link write the same answer; a frame read while the answer itself changes may
+// go to the old next hop, as one sent just before the change would have.
+static __always_inline int look_up_hop(struct xdp_md *ctx, struct link *l, struct bpf_fib_lookup *fib, __u64 now)
+{
     // As the relay's own datagram from its own address (an output route): the stack would
     // send it the same way, and the host need not forward packets for this to work.
     fib->ifindex = ctx->ingress_ifindex;
-    return bpf_fib_lookup(ctx, fib, sizeof(*fib), BPF_FIB_LOOKUP_OUTPUT) == BPF_FIB_LKUP_RET_SUCCESS;
+    if (bpf_fib_lookup(ctx, fib, sizeof(*fib), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS)
+        return 0;
+    __builtin_memcpy(l->dmac, fib->dmac, ETH_ALEN);
+    __builtin_memcpy(l->smac, fib->smac, ETH_ALEN);
+    l->ifindex = fib->ifindex;
+    l->hop_ns = now ? now : 1;
+    return 1;
 }
 
 // Fills the MACs and sends. Returns the XDP verdict, counted.
 static __always_inline int transmit(struct xdp_md *ctx, const struct config *cfg, struct ethhdr *eth,
-                                    const struct bpf_fib_lookup *fib, __u64 bytes)
+                                    const struct link *l, __u64 bytes)
 {
     if (cfg->mode == MODE_REFLECT) {
         __u8 tmp[ETH_ALEN];
@@ -227,11 +248,11 @@ static __always_inline int transmit(struct xdp_md *ctx, const struct config *cfg
         __builtin_memcpy(eth->h_dest, tmp, ETH_ALEN);
         return count(R_FORWARDED, bytes, XDP_TX);
     }
-    __builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
-    __builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-    if (fib->ifindex == ctx->ingress_ifindex)
+    __builtin_memcpy(eth->h_dest, l->dmac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, l->smac, ETH_ALEN);
+    if (l->ifindex == ctx->ingress_ifindex)
         return count(R_FORWARDED, bytes, XDP_TX);
-    return count(R_REDIRECTED, bytes, bpf_redirect(fib->ifindex, 0));
+    return count(R_REDIRECTED, bytes, bpf_redirect(l->ifindex, 0));
 }
 
 static __always_inline struct link *lookup(const __u8 *m, void *end)
@@ -279,11 +300,11 @@ static __always_inline void rewrite_udp(struct udp *udp, const void *old_addr, c
     udp->dest = new_port[1];
 }
 
-static __always_inline void touch(struct link *l, __u64 bytes)
+static __always_inline void touch(struct link *l, __u64 bytes, __u64 now)
 {
     __sync_fetch_and_add(&l->packets, 1);
     __sync_fetch_and_add(&l->bytes, bytes);
-    l->last_ns = bpf_ktime_get_ns();
+    l->last_ns = now;
 }
 
 static __always_inline int v4(struct xdp_md *ctx, const struct config *cfg, struct ethhdr *eth, void *end)
@@ -313,14 +334,17 @@ static __always_inline int v4(struct xdp_md *ctx, const struct config *cfg, stru
     if (l->family != AF_INET || *(__u32 *)l->from_ip != ip->saddr || l->from_port != udp->source)
         return pass(R_WRONG_SOURCE, ulen);
 
-    struct bpf_fib_lookup fib = {};
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.tot_len = tot;
-    fib.ipv4_src = ip->daddr;
-    fib.ipv4_dst = *(__u32 *)l->to_ip;
-    if (!routable(ctx, cfg, &fib))
-        return pass(R_NO_ROUTE, ulen);
+    __u64 now = bpf_ktime_get_ns();
+    if (hop_stale(cfg, l, now)) {
+        struct bpf_fib_lookup fib = {};
+        fib.family = AF_INET;
+        fib.l4_protocol = IPPROTO_UDP;
+        fib.tot_len = tot;
+        fib.ipv4_src = ip->daddr;
+        fib.ipv4_dst = *(__u32 *)l->to_ip;
+        if (!look_up_hop(ctx, l, &fib, now))
+            return pass(R_NO_ROUTE, ulen);
+    }
 
     __u32 old_addr[2] = {ip->saddr, ip->daddr};
     __u32 new_addr[2] = {ip->daddr, *(__u32 *)l->to_ip};
@@ -331,8 +355,8 @@ static __always_inline int v4(struct xdp_md *ctx, const struct config *cfg, stru
     ip->check = 0;
     ip->check = ~fold(sum16(ip, 10));
 
-    touch(l, ulen);
-    return transmit(ctx, cfg, eth, &fib, ulen);
+    touch(l, ulen, now);
+    return transmit(ctx, cfg, eth, l, ulen);
 }
 
 static __always_inline int v6(struct xdp_md *ctx, const struct config *cfg, struct ethhdr *eth, void *end)
@@ -360,14 +384,17 @@ static __always_inline int v6(struct xdp_md *ctx, const struct config *cfg, stru
     if (l->family != AF_INET6 || !same16(l->from_ip, ip->saddr) || l->from_port != udp->source)
         return pass(R_WRONG_SOURCE, ulen);
 
-    struct bpf_fib_lookup fib = {};
-    fib.family = AF_INET6;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.tot_len = sizeof(*ip) + plen;
-    __builtin_memcpy(fib.ipv6_src, ip->daddr, 16);
-    __builtin_memcpy(fib.ipv6_dst, l->to_ip, 16);
-    if (!routable(ctx, cfg, &fib))
-        return pass(R_NO_ROUTE, ulen);
+    __u64 now = bpf_ktime_get_ns();
+    if (hop_stale(cfg, l, now)) {
+        struct bpf_fib_lookup fib = {};
+        fib.family = AF_INET6;
+        fib.l4_protocol = IPPROTO_UDP;
+        fib.tot_len = sizeof(*ip) + plen;
+        __builtin_memcpy(fib.ipv6_src, ip->daddr, 16);
+        __builtin_memcpy(fib.ipv6_dst, l->to_ip, 16);
+        if (!look_up_hop(ctx, l, &fib, now))
+            return pass(R_NO_ROUTE, ulen);
+    }
 
     __u8 old_addr[32], new_addr[32];
     __builtin_memcpy(old_addr, ip->saddr, 32);
@@ -377,8 +404,8 @@ static __always_inline int v6(struct xdp_md *ctx, const struct config *cfg, stru
     __builtin_memcpy(ip->saddr, new_addr, 32);
     ip->hop_limit = 64;
 
-    touch(l, ulen);
-    return transmit(ctx, cfg, eth, &fib, ulen);
+    touch(l, ulen, now);
+    return transmit(ctx, cfg, eth, l, ulen);
 }
 
 SEC("xdp")

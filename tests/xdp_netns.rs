@@ -532,3 +532,40 @@ fn a_link_with_a_dtls_client_stays_in_userspace() {
     assert_eq!(lab.kernel_forwarded(), k, "the kernel cannot seal for a DTLS client");
     assert!(lab.metric("ferry_xdp_link_updates_total{kind=\"not_plain_udp\"}") >= 1);
 }
+
+#[test]
+fn a_changed_next_hop_reaches_an_established_link() {
+    // The program keeps each link's next hop for a second (docs/fastpath.md). When the
+    // recipient's MAC address changes, the link follows the neighbour table, not its cache.
+    let lab = Lab::new();
+    let (host, joiner) = lab.session(false, "10.77.0.2", "10.77.0.3");
+    host.exchange(&joiner, 20, 64);
+    let (k, u) = (lab.kernel_forwarded(), lab.user_forwarded());
+    let mac = "02:00:00:77:00:03";
+    sh(&["ip", "-n", &lab.ns("c"), "link", "set", "c0", "address", mac]);
+    for ip in ["10.77.0.2", "10.77.0.3"] {
+        sh(&["ip", "-n", &lab.ns("r"), "neigh", "replace", ip, "lladdr", mac, "dev", "r0"]);
+    }
+    // Frames still addressed to the old MAC are dropped by the clients' interface; send until
+    // one arrives (at most 8 s of 100 ms rounds).
+    joiner.sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = [0u8; 2048];
+    let mut arrived = None;
+    for round in 0u16..80 {
+        host.relay_to(&joiner, &round.to_be_bytes());
+        if let Ok((n, _)) = joiner.sock.recv_from(&mut buf) {
+            arrived = Some(buf[..n].to_vec());
+            break;
+        }
+    }
+    let d = arrived.expect("no RELAY reached the recipient's new MAC address");
+    assert_eq!(d[3], MessageType::Relay as u8);
+    // Rounds still in flight.
+    joiner.sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    while joiner.sock.recv_from(&mut buf).is_ok() {}
+    joiner.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    host.exchange(&joiner, 20, 64);
+    joiner.exchange(&host, 20, 64);
+    assert!(lab.kernel_forwarded() >= k + 41, "the kernel carried the link throughout");
+    assert_eq!(lab.user_forwarded(), u, "none of it went through userspace");
+}

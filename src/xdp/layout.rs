@@ -9,7 +9,8 @@ use crate::wire::AllocationId;
 pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
 pub const KEY_SIZE: usize = 32;
-pub const LINK_SIZE: usize = 64;
+/// `struct link`: addresses and ports (40 bytes), counters (24), the cached next hop (24).
+pub const LINK_SIZE: usize = 88;
 pub const CONFIG_SIZE: usize = 88;
 pub const COUNTER_SIZE: usize = 16;
 pub const MAX_LISTEN: usize = 4;
@@ -52,6 +53,7 @@ impl Link {
         (from.is_ipv4() == to.is_ipv4()).then_some(Self { from, to })
     }
 
+    /// A new entry: zero counters, and no next hop yet (the program looks it up).
     pub fn encode(&self) -> [u8; LINK_SIZE] {
         let mut v = [0u8; LINK_SIZE];
         let (family, from) = ip_bytes(&self.from);
