@@ -57,6 +57,7 @@ cleanup() {
 }
 teardown() {
   cleanup
+  [ -z "${PROG_STATS:-}" ] || sysctl -qw kernel.bpf_stats_enabled=0
   ip netns del "$R" 2>/dev/null || true
   ip netns del "$C" 2>/dev/null || true
 }
@@ -120,6 +121,18 @@ start() {
   sleep 1.5
 }
 
+# The fast path program's own time, from the kernel's accounting (PROG_STATS=1 turns it on for
+# the run; it adds two clock reads per datagram): "run_time_ns run_cnt" of ferry_xdp.
+prog_stats() {
+  if [ -z "${PROG_STATS:-}" ] || [ "$1" != ferry-xdp ]; then echo "0 0"; return; fi
+  bpftool prog show name ferry_xdp -j 2>/dev/null | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+d = d if isinstance(d, dict) else (d[0] if d else {})
+print(d.get("run_time_ns", 0), d.get("run_cnt", 0))'
+}
+[ -n "${PROG_STATS:-}" ] && sysctl -qw kernel.bpf_stats_enabled=1
+
 # busy CPU: user+nice+system+irq+softirq+steal jiffies of one CPU.
 busy() { awk -v c="cpu$1" '$1==c {print $2+$3+$4+$7+$8+$9}' /proc/stat; }
 
@@ -141,14 +154,15 @@ run_load() {
     sleep 0.05
   done
   sleep 1.3
-  local t0 b0 s0 t1 b1 s1
-  t0=$(date +%s%N); b0=$(busy "$RELAY_CPU"); s0=$(cut -d' ' -f1 "$SINK")
+  local t0 b0 s0 t1 b1 s1 p0 p1
+  t0=$(date +%s%N); b0=$(busy "$RELAY_CPU"); s0=$(cut -d' ' -f1 "$SINK"); p0=$(prog_stats "$name")
   sleep "$((DUR - 2))"
-  t1=$(date +%s%N); b1=$(busy "$RELAY_CPU"); s1=$(cut -d' ' -f1 "$SINK")
+  t1=$(date +%s%N); b1=$(busy "$RELAY_CPU"); s1=$(cut -d' ' -f1 "$SINK"); p1=$(prog_stats "$name")
   wait "$lp" || { echo "  ($name $size failed)" >&2; return 0; }
-  python3 - "$name" "$size" "$round" "$SHAPE" "$t0" "$t1" "$b0" "$b1" "$(getconf CLK_TCK)" "$s0" "$s1" "$OUT/load.json" "$rate" >> "$RESULTS" <<'PY'
+  python3 - "$name" "$size" "$round" "$SHAPE" "$t0" "$t1" "$b0" "$b1" "$(getconf CLK_TCK)" "$s0" "$s1" "$OUT/load.json" "$rate" "$p0" "$p1" >> "$RESULTS" <<'PY'
 import json, sys
-name, size, rnd, shape, t0, t1, b0, b1, hz, s0, s1, path, _rate = sys.argv[1:]
+name, size, rnd, shape, t0, t1, b0, b1, hz, s0, s1, path, _rate, p0, p1 = sys.argv[1:]
+(pt0, pc0), (pt1, pc1) = (map(int, p0.split()), map(int, p1.split()))
 r = json.load(open(path))
 secs = (int(t1) - int(t0)) / 1e9
 busy = (int(b1) - int(b0)) / int(hz) / secs
@@ -158,7 +172,8 @@ print(json.dumps({"name": name, "size": int(size), "round": int(rnd), "shape": s
                   "rate": int(sys.argv[13]),
                   "delivered_pps": pps, "relay_cpu_busy": busy,
                   "ns_per_datagram": busy * 1e9 / pps if pps else None,
-                  "per_core_pps": pps / busy if busy > 0 else None}))
+                  "per_core_pps": pps / busy if busy > 0 else None,
+                  "prog_ns_per_run": (pt1 - pt0) / (pc1 - pc0) if pc1 > pc0 else None}))
 PY
   tail -n 1 "$RESULTS"
 }
@@ -211,6 +226,9 @@ print("|---|---:|---:|---:|---:|---:|---:|")
 for (n, s), rs in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
     print(f"| {n} | {f'{s} B' if s else 'mixed'} | {med(rs,'offered_pps'):,.0f} | {med(rs,'delivered_pps'):,.0f} | {100*med(rs,'relay_cpu_busy'):.1f} % | "
           f"{med(rs,'ns_per_datagram'):,.0f} | {med(rs,'per_core_pps'):,.0f} |")
+for (n, s), rs in sorted(by.items()):
+    if any(x.get("prog_ns_per_run") for x in rs):
+        print(f"\n{n} {s} B: the program itself {med(rs, 'prog_ns_per_run'):,.0f} ns per run (kernel bpf_stats)")
 for s in sorted({k[1] for k in by}):
     u, x = by.get(("ferry", s)), by.get(("ferry-xdp", s))
     b = by.get(("b1", s))
