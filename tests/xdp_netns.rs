@@ -310,6 +310,8 @@ fn unity_flow_rides_the_kernel_path_and_every_datagram_is_counted_once() {
     }
     let bytes = lab.metric("ferry_xdp_bytes_total{result=\"forwarded\"}");
     assert_eq!(bytes, 2 * 300 * (38 + 64) + 2 * 300 * (38 + 1200), "forwarded payload bytes");
+    assert_eq!(lab.metric("ferry_xdp_links"), 2, "two sessions, one link each");
+    assert_eq!(lab.metric("ferry_xdp_links_max"), 131_072);
 }
 
 #[test]
@@ -496,6 +498,7 @@ fn drain_takes_every_link_out_of_the_kernel_and_sessions_go_on_in_userspace() {
     host.exchange(&joiner, 50, 64);
     joiner.exchange(&host, 50, 64);
     assert_eq!(lab.kernel_forwarded(), k, "the kernel forwarded during drain");
+    assert_eq!(lab.metric("ferry_xdp_links"), 0, "no link is left in the kernel");
     assert_eq!(lab.user_forwarded(), u + 100, "userspace carries the session");
 }
 

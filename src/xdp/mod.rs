@@ -237,6 +237,8 @@ pub struct FastPath {
     pub interface: String,
     pub mode: XdpMode,
     links: LinkMap,
+    /// Map entries (two per linked pair).
+    max_entries: u32,
 }
 
 impl FastPath {
@@ -256,7 +258,7 @@ impl FastPath {
             }
         }
         let links = program.links();
-        Ok(Self { program, interface: interface.to_string(), mode, links })
+        Ok(Self { program, interface: interface.to_string(), mode, links, max_entries: max_links })
     }
 }
 
@@ -265,6 +267,9 @@ impl FastPath {
 pub struct LinkMapStats {
     pub ups: AtomicU64,
     pub downs: AtomicU64,
+    /// Links whose two entries a Down removed (so `ups - removed` are in the map now; a Down
+    /// for a link whose Up the kernel refused removes nothing).
+    pub removed: AtomicU64,
     /// Links the kernel cannot carry (the two ends in different address families).
     pub mixed_family: AtomicU64,
     /// Updates the kernel refused (the map is full); those links stay in userspace.
@@ -307,13 +312,22 @@ impl LinkMap {
             }
             LinkOp::Down { host, joiner } => {
                 let mut seen = [None, None];
+                let mut deleted = 0;
                 for (k, (f, t)) in [(host, joiner), (joiner, host)].into_iter().enumerate() {
                     seen[k] = self.last_seen_ms_ago(&f, &t).map(|ago| (f, ago));
-                    if self.map.delete(&layout::link_key(&f, &t)).is_err() {
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    match self.map.delete(&layout::link_key(&f, &t)) {
+                        Ok(true) => deleted += 1,
+                        // Never entered (its Up was refused): nothing to remove.
+                        Ok(false) => {}
+                        Err(_) => {
+                            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 self.stats.downs.fetch_add(1, Ordering::Relaxed);
+                if deleted == 2 {
+                    self.stats.removed.fetch_add(1, Ordering::Relaxed);
+                }
                 seen
             }
         }
@@ -350,6 +364,7 @@ pub struct Observer {
     stats: RawMap,
     cpus: usize,
     links: Arc<LinkMapStats>,
+    max_entries: u32,
     pub mode: XdpMode,
     pub interface: String,
 }
@@ -366,6 +381,7 @@ impl FastPath {
             stats: RawMap::new(self.program.stats.fd_borrowed(), 4, layout::COUNTER_SIZE)?,
             cpus: self.program.cpus,
             links: self.links.stats.clone(),
+            max_entries: self.max_entries,
             mode: self.mode,
             interface: self.interface.clone(),
         })
@@ -403,6 +419,18 @@ impl Observer {
         ] {
             let _ = writeln!(o, "ferry_xdp_link_updates_total{{kind=\"{k}\"}} {}", a.load(Ordering::Relaxed));
         }
+        let now = s.ups.load(Ordering::Relaxed).saturating_sub(s.removed.load(Ordering::Relaxed));
+        let _ = writeln!(
+            o,
+            "# HELP ferry_xdp_links Host-joiner links the kernel carries now (two map entries each).\n\
+             # TYPE ferry_xdp_links gauge\nferry_xdp_links {now}"
+        );
+        let _ = writeln!(
+            o,
+            "# HELP ferry_xdp_links_max Links the map holds at most (xdp_max_links); more stay in userspace.\n\
+             # TYPE ferry_xdp_links_max gauge\nferry_xdp_links_max {}",
+            self.max_entries / 2
+        );
     }
 }
 
