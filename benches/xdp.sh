@@ -15,6 +15,9 @@
 #   sudo benches/xdp.sh                       # 3 rounds, 64 and 1200 B, b1 ferry ferry-xdp
 #   ROUNDS=1 SIZES=64 TARGETS="ferry-xdp" sudo benches/xdp.sh
 # SHAPE=game runs the game-like shape (SESSIONS interleaved sessions, mixed 40-300 B sizes).
+# GEN=live sends the burst shape's RELAYs as raw frames from the kernel's page pool
+# (`ferry bench-xdp-gen`) instead of from sockets, so they reach the relay's veth as a NIC's driver
+# delivers them; Ferry's paths only (B1 and the TURN relays need socket clients).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/turn-servers.sh
@@ -110,7 +113,8 @@ start() {
       ip netns exec "$R" taskset -c "$RELAY_CPU" "$FERRY" serve --shards 1 --pin-shards false --gso "$gso" \
         --relay-listen 10.78.0.1:17777 --api-listen 10.78.0.1:17880 --api-token "$TOKEN" --api-rate-limit 1000000 \
         --xdp "$xdp" --xdp-interface r0 --drain-timeout 0s --log-format json --log-lifecycle off 2>>"$OUT/relay-$1.log" &
-      PID=$!; LOAD_ARGS="--target ferry --api http://10.78.0.1:17880 --token $TOKEN --relay 10.78.0.1:17777" ;;
+      PID=$!; LOAD_ARGS="--target ferry --api http://10.78.0.1:17880 --token $TOKEN --relay 10.78.0.1:17777"
+      GEN_ARGS="--api http://10.78.0.1:17880 --token $TOKEN --relay 10.78.0.1:17777" ;;
     coturn)
       start_coturn 10.78.0.1 "$RELAY_CPU" "$OUT" ip netns exec "$R" || return 1
       LOAD_ARGS="--target turn --relay 10.78.0.1:13478" ;;
@@ -141,8 +145,13 @@ run_load() {
   local shape_args=(--size "$size")
   [ "$SHAPE" = game ] && shape_args=(--shape game --sockets 8)
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-  ip netns exec "$C" taskset -c "$GEN_CPU" "$FERRY" load $LOAD_ARGS --bind-ip 10.78.0.2 --sessions "$SESSIONS" \
-    "${shape_args[@]}" ${GEN_GSO:+--gso} --rate "$rate" --warmup 1s --duration "${DUR}s" --json > "$OUT/load.json" 2>>"$OUT/errors.log" &
+  if [ "${GEN:-}" = live ]; then
+    ip netns exec "$C" taskset -c "$GEN_CPU" "$FERRY" bench-xdp-gen $GEN_ARGS --bind-ip 10.78.0.2 --interface c0 \
+      --sessions "$SESSIONS" --size "$size" --rate "$rate" --warmup 1s --duration "${DUR}s" > "$OUT/load.json" 2>>"$OUT/errors.log" &
+  else
+    ip netns exec "$C" taskset -c "$GEN_CPU" "$FERRY" load $LOAD_ARGS --bind-ip 10.78.0.2 --sessions "$SESSIONS" \
+      "${shape_args[@]}" ${GEN_GSO:+--gso} --rate "$rate" --warmup 1s --duration "${DUR}s" --json > "$OUT/load.json" 2>>"$OUT/errors.log" &
+  fi
   local lp=$!
   # Sample the relay CPU inside the measured window: wait for traffic to reach the sink (set-up
   # of a thousand sessions takes a few seconds), then for the 1 s warm-up.

@@ -485,4 +485,35 @@ int ferry_xdp_sink(struct xdp_md *ctx)
     return XDP_DROP;
 }
 
+#define GEN_HEADER 64
+
+struct gen_header {
+    __u8 bytes[GEN_HEADER];
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct gen_header);
+} gen_header SEC(".maps");
+
+// The benchmark's generator (`ferry bench-xdp-gen`): run by BPF_PROG_TEST_RUN in live-frames
+// mode over the frame it is given, it sends each copy out of the interface named in the run's
+// context, so the relay's interface receives them as it would from a NIC's driver (in page-pool
+// pages, not as socket buffers veth must copy first). The kernel reuses those pages without
+// restoring their bytes, and the relay's fast path rewrites headers in place, so each copy gets
+// the frame's first GEN_HEADER bytes back from `gen_header` first.
+SEC("xdp")
+int ferry_xdp_gen(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+    __u32 zero = 0;
+    const struct gen_header *h = bpf_map_lookup_elem(&gen_header, &zero);
+    if (!h || data + GEN_HEADER > end)
+        return XDP_DROP;
+    __builtin_memcpy(data, h->bytes, GEN_HEADER);
+    return XDP_TX;
+}
+
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

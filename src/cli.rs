@@ -51,6 +51,10 @@ pub enum Command {
     /// in the fast-path benchmark) until killed.
     #[command(hide = true)]
     BenchXdpPass(XdpPassArgs),
+    /// Sets up sessions, then sends their RELAYs as raw frames from the kernel's page pool (the
+    /// fast-path benchmark's NIC-like source).
+    #[command(hide = true)]
+    BenchXdpGen(crate::load::live::LiveArgs),
 }
 
 #[derive(Args, Debug)]

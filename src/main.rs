@@ -97,6 +97,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::BenchXdpGen(args) => match ferry::load::live::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry bench-xdp-gen: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::BenchXdpPass(args) => match &args.sink {
             None => match ferry::xdp::attach_pass(&args.interface, ferry::xdp::XdpMode::Native) {
                 Ok(_held) => loop {

@@ -572,3 +572,63 @@ fn a_changed_next_hop_reaches_an_established_link() {
     assert!(lab.kernel_forwarded() >= k + 41, "the kernel carried the link throughout");
     assert_eq!(lab.user_forwarded(), u, "none of it went through userspace");
 }
+
+#[test]
+fn relays_arriving_as_driver_frames_are_forwarded_intact() {
+    // Frames from the kernel's page pool (`ferry bench-xdp-gen`'s source) reach the relay's
+    // interface the way a NIC's driver hands them over, not as socket buffers: the program runs
+    // on them in place, and the relay's rewrite must not leak into the next copy the pool makes.
+    let lab = Lab::new();
+    let (host, joiner) = lab.session(false, "10.77.0.2", "10.77.0.3");
+    host.exchange(&joiner, 5, 64);
+    let k = lab.kernel_forwarded();
+    let from = host.sock.local_addr().unwrap();
+    let msg = packets::relay(&host.id, &joiner.id, &[0x5a; 200]).unwrap();
+    // (This thread's sysfs is the host's: ask `ip` for the MAC addresses.)
+    let mac = |ns: &str, dev: &str| -> [u8; 6] {
+        let out = Command::new("ip").args(["-n", ns, "-br", "link", "show", dev]).output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let field = text.split_whitespace().nth(2).expect("a MAC address");
+        let v: Vec<u8> = field.split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+        v.try_into().unwrap()
+    };
+    let (rmac, cmac) = (mac(&lab.ns("r"), "r0"), mac(&lab.ns("c"), "c0"));
+    // Each arrives in a page of its own: room for all 500 (root may exceed rmem_max).
+    let room: libc::c_int = 8 << 20;
+    // SAFETY: setsockopt on a socket this test owns, with a c_int value.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&joiner.sock),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &room as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    in_ns(&lab.ns("c"), move || {
+        let mut frame =
+            ferry::xdp::frames::udp_frame(from, format!("{RELAY4}:{RELAY_PORT}").parse().unwrap(), &msg);
+        frame[..6].copy_from_slice(&rmac);
+        frame[6..12].copy_from_slice(&cmac);
+        let generator = ferry::xdp::load_generator().unwrap();
+        let c0 = ferry::xdp::if_index("c0").unwrap();
+        for _ in 0..5 {
+            ferry::xdp::generate(&generator, &frame, c0, 100).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut got = 0;
+    joiner.sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 2048];
+    while let Ok((n, src)) = joiner.sock.recv_from(&mut buf) {
+        assert_eq!(src, format!("{RELAY4}:{RELAY_PORT}").parse::<SocketAddr>().unwrap());
+        assert_eq!(buf[3], MessageType::Relay as u8);
+        assert_eq!(&buf[4..20], &host.id.0);
+        assert_eq!(&buf[20..36], &joiner.id.0);
+        assert_eq!(&buf[38..n], &[0x5a; 200][..]);
+        got += 1;
+    }
+    assert_eq!(got, 500, "every copy arrived, intact");
+    assert_eq!(lab.kernel_forwarded(), k + 500, "all of them by the kernel");
+}

@@ -11,6 +11,7 @@ pub mod b1;
 pub mod churn;
 pub mod engine;
 pub mod flood;
+pub mod live;
 pub mod report;
 pub mod setup;
 pub mod turn;

@@ -205,6 +205,38 @@ pub fn attach_sink(interface: &str) -> io::Result<aya::Ebpf> {
     attach_helper("ferry_xdp_sink", interface, XdpMode::Native)
 }
 
+/// The benchmark's generator program (`ferry_xdp_gen`), loaded, not attached: see
+/// [`sys::test_run_live`].
+pub fn load_generator() -> io::Result<aya::Ebpf> {
+    let mut ebpf =
+        aya::Ebpf::load(OBJECT).map_err(|e| io::Error::other(format!("loading bpf/ferry_xdp.o: {e}")))?;
+    let prog: &mut aya::programs::Xdp = ebpf
+        .program_mut("ferry_xdp_gen")
+        .ok_or_else(|| io::Error::other("no ferry_xdp_gen"))?
+        .try_into()
+        .map_err(|e| io::Error::other(format!("ferry_xdp_gen: {e}")))?;
+    prog.load().map_err(|e| io::Error::other(format!("ferry_xdp_gen: {e}")))?;
+    Ok(ebpf)
+}
+
+/// Sends `count` copies of `frame` (at least 64 bytes) out of `ifindex` with the loaded generator.
+pub fn generate(generator: &aya::Ebpf, frame: &[u8], ifindex: u32, count: u32) -> io::Result<()> {
+    const HEADER: usize = 64;
+    if frame.len() < HEADER {
+        return Err(io::Error::other("the generator's frames are at least 64 bytes"));
+    }
+    let m = generator.map("gen_header").ok_or_else(|| io::Error::other("no gen_header"))?;
+    let aya::maps::Map::Array(d) = m else { return Err(io::Error::other("gen_header type")) };
+    RawMap::new(d.fd().as_fd(), 4, HEADER)?.update(&0u32.to_ne_bytes(), &frame[..HEADER])?;
+    let prog: &aya::programs::Xdp = generator
+        .program("ferry_xdp_gen")
+        .ok_or_else(|| io::Error::other("no ferry_xdp_gen"))?
+        .try_into()
+        .map_err(|e| io::Error::other(format!("ferry_xdp_gen: {e}")))?;
+    let fd = prog.fd().map_err(|e| io::Error::other(e.to_string()))?;
+    sys::test_run_live(fd.as_fd(), frame, ifindex, count, count.min(256))
+}
+
 /// RELAY datagrams and their payload bytes the sink has dropped.
 pub fn sink_counts(ebpf: &aya::Ebpf) -> io::Result<(u64, u64)> {
     let m = ebpf.map("sink_stats").ok_or_else(|| io::Error::other("no sink_stats"))?;
