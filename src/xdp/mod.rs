@@ -91,14 +91,9 @@ impl Program {
             .map_max_entries("links", max_links.max(1))
             .load(OBJECT)
             .map_err(|e| io::Error::other(format!("loading bpf/ferry_xdp.o: {e}")))?;
-        {
-            let prog: &mut aya::programs::Xdp = ebpf
-                .program_mut("ferry_xdp")
-                .ok_or_else(|| io::Error::other("bpf/ferry_xdp.o has no ferry_xdp"))?
-                .try_into()
-                .map_err(|e| io::Error::other(format!("ferry_xdp: {e}")))?;
-            prog.load().map_err(|e| io::Error::other(format!("the verifier refused ferry_xdp: {e}")))?;
-        }
+        xdp_program_mut(&mut ebpf, "ferry_xdp")?
+            .load()
+            .map_err(|e| io::Error::other(format!("the verifier refused ferry_xdp: {e}")))?;
         let map = |name: &str, k: usize, v: usize| -> io::Result<RawMap> {
             let m = ebpf.map(name).ok_or_else(|| io::Error::other(format!("no map {name}")))?;
             let fd = match m {
@@ -125,12 +120,7 @@ impl Program {
 
     /// The program's file descriptor (for `BPF_PROG_TEST_RUN`).
     pub fn fd(&self) -> io::Result<BorrowedFd<'_>> {
-        let prog: &aya::programs::Xdp = self
-            .ebpf
-            .program("ferry_xdp")
-            .ok_or_else(|| io::Error::other("no ferry_xdp"))?
-            .try_into()
-            .map_err(|e| io::Error::other(format!("ferry_xdp: {e}")))?;
+        let prog = xdp_program(&self.ebpf, "ferry_xdp")?;
         Ok(prog.fd().map_err(|e| io::Error::other(e.to_string()))?.as_fd())
     }
 
@@ -156,12 +146,7 @@ impl Program {
             XdpMode::Generic => aya::programs::XdpMode::Skb,
             XdpMode::Native => aya::programs::XdpMode::Driver,
         };
-        let prog: &mut aya::programs::Xdp = self
-            .ebpf
-            .program_mut("ferry_xdp")
-            .ok_or_else(|| io::Error::other("no ferry_xdp"))?
-            .try_into()
-            .map_err(|e| io::Error::other(format!("ferry_xdp: {e}")))?;
+        let prog = xdp_program_mut(&mut self.ebpf, "ferry_xdp")?;
         prog.attach(interface, flags).map_err(|e| {
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
@@ -208,15 +193,7 @@ pub fn attach_sink(interface: &str) -> io::Result<aya::Ebpf> {
 /// The benchmark's generator program (`ferry_xdp_gen`), loaded, not attached: see
 /// [`sys::test_run_live`].
 pub fn load_generator() -> io::Result<aya::Ebpf> {
-    let mut ebpf =
-        aya::Ebpf::load(OBJECT).map_err(|e| io::Error::other(format!("loading bpf/ferry_xdp.o: {e}")))?;
-    let prog: &mut aya::programs::Xdp = ebpf
-        .program_mut("ferry_xdp_gen")
-        .ok_or_else(|| io::Error::other("no ferry_xdp_gen"))?
-        .try_into()
-        .map_err(|e| io::Error::other(format!("ferry_xdp_gen: {e}")))?;
-    prog.load().map_err(|e| io::Error::other(format!("ferry_xdp_gen: {e}")))?;
-    Ok(ebpf)
+    load_one("ferry_xdp_gen")
 }
 
 /// Sends `count` copies of `frame` (at least 64 bytes) out of `ifindex` with the loaded generator.
@@ -228,12 +205,7 @@ pub fn generate(generator: &aya::Ebpf, frame: &[u8], ifindex: u32, count: u32) -
     let m = generator.map("gen_header").ok_or_else(|| io::Error::other("no gen_header"))?;
     let aya::maps::Map::Array(d) = m else { return Err(io::Error::other("gen_header type")) };
     RawMap::new(d.fd().as_fd(), 4, HEADER)?.update(&0u32.to_ne_bytes(), &frame[..HEADER])?;
-    let prog: &aya::programs::Xdp = generator
-        .program("ferry_xdp_gen")
-        .ok_or_else(|| io::Error::other("no ferry_xdp_gen"))?
-        .try_into()
-        .map_err(|e| io::Error::other(format!("ferry_xdp_gen: {e}")))?;
-    let fd = prog.fd().map_err(|e| io::Error::other(e.to_string()))?;
+    let fd = xdp_program(generator, "ferry_xdp_gen")?.fd().map_err(|e| io::Error::other(e.to_string()))?;
     sys::test_run_live(fd.as_fd(), frame, ifindex, count, count.min(256))
 }
 
@@ -246,15 +218,31 @@ pub fn sink_counts(ebpf: &aya::Ebpf) -> io::Result<(u64, u64)> {
     read_counter(&stats, 0, cpus)
 }
 
-fn attach_helper(name: &str, interface: &str, mode: XdpMode) -> io::Result<aya::Ebpf> {
+/// The object with one program (`name`) loaded into the kernel, not attached.
+fn load_one(name: &str) -> io::Result<aya::Ebpf> {
     let mut ebpf =
         aya::Ebpf::load(OBJECT).map_err(|e| io::Error::other(format!("loading bpf/ferry_xdp.o: {e}")))?;
-    let prog: &mut aya::programs::Xdp = ebpf
-        .program_mut(name)
+    xdp_program_mut(&mut ebpf, name)?.load().map_err(|e| io::Error::other(format!("{name}: {e}")))?;
+    Ok(ebpf)
+}
+
+fn xdp_program<'a>(ebpf: &'a aya::Ebpf, name: &str) -> io::Result<&'a aya::programs::Xdp> {
+    ebpf.program(name)
         .ok_or_else(|| io::Error::other(format!("no {name}")))?
         .try_into()
-        .map_err(|e| io::Error::other(format!("{name}: {e}")))?;
-    prog.load().map_err(|e| io::Error::other(format!("{name}: {e}")))?;
+        .map_err(|e| io::Error::other(format!("{name}: {e}")))
+}
+
+fn xdp_program_mut<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> io::Result<&'a mut aya::programs::Xdp> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| io::Error::other(format!("no {name}")))?
+        .try_into()
+        .map_err(|e| io::Error::other(format!("{name}: {e}")))
+}
+
+fn attach_helper(name: &str, interface: &str, mode: XdpMode) -> io::Result<aya::Ebpf> {
+    let mut ebpf = load_one(name)?;
+    let prog = xdp_program_mut(&mut ebpf, name)?;
     let flags = match mode {
         XdpMode::Generic => aya::programs::XdpMode::Skb,
         _ => aya::programs::XdpMode::Driver,
