@@ -101,6 +101,9 @@ fn neighbour_mac(ip: IpAddr) -> io::Result<[u8; 6]> {
 /// Sets up the sessions, sends, and prints `{"sent": N, "duration_secs": S}` (datagrams handed
 /// to the interface in the measured window, after the warm-up).
 pub fn run(args: &LiveArgs) -> io::Result<()> {
+    if args.sessions == 0 {
+        return Err(err("--sessions must be at least 1"));
+    }
     let mut api = ApiClient::new(args.api.clone());
     if let Some(t) = &args.token {
         api = api.with_token(t.clone());
