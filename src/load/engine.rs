@@ -2,7 +2,7 @@
 //! on both sides. Every payload carries `[seq u64][send time ns u64][stream u32]`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,8 +124,6 @@ pub fn run(
     let measure_from = start + spec.warmup.as_nanos() as u64;
     let end = measure_from + spec.duration.as_nanos() as u64;
     let done = Arc::new(AtomicBool::new(false));
-    let sent_measured = Arc::new(AtomicU64::new(0));
-    let blocked = Arc::new(AtomicU64::new(0));
 
     let mut txs = Vec::new();
     let mut rxs = Vec::new();
@@ -270,48 +268,45 @@ pub fn run(
 
     // The sender runs on this thread.
     pin(spec.pin_sender);
-    if spec.shape == super::Shape::Game {
-        let sent =
-            send_game(&txs, spec, &clock, (start, measure_from, end), &sent_measured, &blocked, &progress)?;
-        let _ = sent;
-        progress(1.0);
-        done.store(true, Ordering::Release);
-        let mut m = receiver.join().map_err(|_| std::io::Error::other("receiver panicked"))??;
-        m.sent = sent_measured.load(Ordering::Relaxed);
-        m.send_blocked = blocked.load(Ordering::Relaxed);
-        return Ok(m);
-    }
+    let mut pacer = Pacer::new(&clock, spec.rate, (start, measure_from, end), &progress);
+    let sent = match spec.shape {
+        super::Shape::Game => send_game(&txs, &mut pacer),
+        super::Shape::Burst => send_bursts(&txs, header_len + payload, header_len, spec.gso, &mut pacer),
+    };
+    progress(1.0);
+    done.store(true, Ordering::Release);
+    let mut m = receiver.join().map_err(|_| std::io::Error::other("receiver panicked"))??;
+    sent?;
+    m.sent = pacer.measured;
+    m.send_blocked = pacer.blocked;
+    Ok(m)
+}
+
+/// The burst shape's sender: sessions take turns, each send a batch of one session's
+/// datagrams of one size (UDP GSO's best case when `spec.gso`).
+fn send_bursts(
+    txs: &[(std::net::UdpSocket, SocketAddr, Vec<u8>)],
+    len: usize,
+    header_len: usize,
+    gso: bool,
+    pacer: &mut Pacer,
+) -> std::io::Result<()> {
     let mut ios: Vec<BatchIo> = txs.iter().map(|t| BatchIo::new(&t.0)).collect();
     for io in &mut ios {
-        io.set_gso(spec.gso);
+        io.set_gso(gso);
     }
-    for t in &txs {
+    for t in txs {
         t.0.set_nonblocking(true)?;
     }
     let mut batch = PacketBatch::new();
     let mut items: Vec<SendItem> = Vec::with_capacity(BATCH);
     let mut seqs = vec![0u64; txs.len()];
     let mut stamps = [0u64; BATCH];
-    let len = header_len + payload;
     for b in batch.bufs.iter_mut() {
         b[..len].fill(0x5A);
     }
-    let mut sent_total = 0u64;
     let mut k = 0usize;
-    let mut last_progress = 0u64;
-    while clock.nanos() < start {
-        std::hint::spin_loop();
-    }
-    loop {
-        let now = clock.nanos();
-        if now >= end {
-            break;
-        }
-        if now - last_progress > 100_000_000 {
-            last_progress = now;
-            progress((now.saturating_sub(start)) as f64 / (end - start) as f64);
-        }
-        let Some(n) = due(now, start, spec.rate, sent_total) else { continue };
+    while let Some(n) = pacer.due() {
         let (_, dst, header) = &txs[k];
         let dst: SocketAddr = *dst;
         items.clear();
@@ -320,28 +315,84 @@ pub fn run(
             b[..header_len].copy_from_slice(header);
             let p = &mut b[header_len..len];
             p[0..8].copy_from_slice(&(first + i as u64).to_le_bytes());
-            stamps[i] = clock.nanos();
+            stamps[i] = pacer.clock.nanos();
             p[8..16].copy_from_slice(&stamps[i].to_le_bytes());
             p[16..20].copy_from_slice(&(k as u32).to_le_bytes());
             items.push(SendItem { slot: i, len, dst });
         }
         let r = ios[k].send(&batch, &items);
-        let went = (r.sent + r.errors) as u64;
-        seqs[k] = first + went;
-        sent_total += went;
-        if r.would_block > 0 {
-            blocked.fetch_add(r.would_block as u64, Ordering::Relaxed);
-        }
-        let counted = stamps[..went as usize].iter().filter(|&&t| t >= measure_from && t < end).count();
-        sent_measured.fetch_add(counted as u64, Ordering::Relaxed);
+        let went = r.sent + r.errors;
+        seqs[k] = first + went as u64;
+        pacer.went(&stamps[..went], r.would_block);
         k = (k + 1) % txs.len();
     }
-    progress(1.0);
-    done.store(true, Ordering::Release);
-    let mut m = receiver.join().map_err(|_| std::io::Error::other("receiver panicked"))??;
-    m.sent = sent_measured.load(Ordering::Relaxed);
-    m.send_blocked = blocked.load(Ordering::Relaxed);
-    Ok(m)
+    Ok(())
+}
+
+/// The pacing both senders share: start on time, report progress every 100 ms, say how many
+/// datagrams are due, and count what went (only datagrams stamped inside the measured window
+/// count as sent).
+struct Pacer<'a> {
+    clock: &'a Clock,
+    rate: u64,
+    start: u64,
+    measure_from: u64,
+    end: u64,
+    progress: &'a dyn Fn(f64),
+    last_progress: u64,
+    sent: u64,
+    measured: u64,
+    blocked: u64,
+}
+
+impl<'a> Pacer<'a> {
+    fn new(
+        clock: &'a Clock,
+        rate: u64,
+        (start, measure_from, end): (u64, u64, u64),
+        progress: &'a dyn Fn(f64),
+    ) -> Self {
+        Pacer {
+            clock,
+            rate,
+            start,
+            measure_from,
+            end,
+            progress,
+            last_progress: 0,
+            sent: 0,
+            measured: 0,
+            blocked: 0,
+        }
+    }
+
+    /// Datagrams due now (at least one), waiting until some are and until the start; None once
+    /// the run is over.
+    fn due(&mut self) -> Option<usize> {
+        while self.clock.nanos() < self.start {
+            std::hint::spin_loop();
+        }
+        loop {
+            let now = self.clock.nanos();
+            if now >= self.end {
+                return None;
+            }
+            if now - self.last_progress > 100_000_000 {
+                self.last_progress = now;
+                (self.progress)((now - self.start) as f64 / (self.end - self.start) as f64);
+            }
+            if let Some(n) = due(now, self.start, self.rate, self.sent) {
+                return Some(n);
+            }
+        }
+    }
+
+    /// A send left with these datagrams' send times; `would_block` were refused by a full buffer.
+    fn went(&mut self, stamps: &[u64], would_block: usize) {
+        self.sent += stamps.len() as u64;
+        self.blocked += would_block as u64;
+        self.measured += stamps.iter().filter(|&&t| t >= self.measure_from && t < self.end).count() as u64;
+    }
 }
 
 /// How many datagrams are due at `now` under `rate` (a full batch when unpaced), or None after
@@ -369,15 +420,7 @@ fn due(now: u64, start: u64, rate: u64, sent: u64) -> Option<usize> {
 /// The game shape's sender: each send carries up to a batch of datagrams of *different*
 /// sessions that share a sender socket (one per session where sockets are not shared), with
 /// sizes drawn from [`game_payload`]; socket groups take turns.
-fn send_game(
-    txs: &[(std::net::UdpSocket, SocketAddr, Vec<u8>)],
-    spec: &TrafficSpec,
-    clock: &Clock,
-    (start, measure_from, end): (u64, u64, u64),
-    sent_measured: &AtomicU64,
-    blocked: &AtomicU64,
-    progress: &impl Fn(f64),
-) -> std::io::Result<u64> {
+fn send_game(txs: &[(std::net::UdpSocket, SocketAddr, Vec<u8>)], pacer: &mut Pacer) -> std::io::Result<()> {
     // Streams grouped by the socket they send from.
     let mut groups: Vec<(SocketAddr, Vec<usize>)> = Vec::new();
     for (i, t) in txs.iter().enumerate() {
@@ -398,20 +441,8 @@ fn send_game(
     let mut which = [0usize; BATCH];
     let mut stamps = [0u64; BATCH];
     let mut rng = 0x9e37_79b9u32;
-    let (mut sent_total, mut g, mut last_progress) = (0u64, 0usize, 0u64);
-    while clock.nanos() < start {
-        std::hint::spin_loop();
-    }
-    loop {
-        let now = clock.nanos();
-        if now >= end {
-            break;
-        }
-        if now - last_progress > 100_000_000 {
-            last_progress = now;
-            progress((now.saturating_sub(start)) as f64 / (end - start) as f64);
-        }
-        let Some(n) = due(now, start, spec.rate, sent_total) else { continue };
+    let mut g = 0usize;
+    while let Some(n) = pacer.due() {
         let members = &groups[g].1;
         let n = n.min(members.len());
         items.clear();
@@ -433,7 +464,7 @@ fn send_game(
             let p = &mut b[header.len()..len];
             p[0..8].copy_from_slice(&seqs[s].to_le_bytes());
             seqs[s] += 1;
-            stamps[i] = clock.nanos();
+            stamps[i] = pacer.clock.nanos();
             p[8..16].copy_from_slice(&stamps[i].to_le_bytes());
             p[16..20].copy_from_slice(&(s as u32).to_le_bytes());
             p[20..].fill(0x5A);
@@ -445,15 +476,10 @@ fn send_game(
             seqs[s] -= 1;
         }
         cursor[g] = (cursor[g] + went) % members.len();
-        sent_total += went as u64;
-        if r.would_block > 0 {
-            blocked.fetch_add(r.would_block as u64, Ordering::Relaxed);
-        }
-        let counted = stamps[..went].iter().filter(|&&t| t >= measure_from && t < end).count();
-        sent_measured.fetch_add(counted as u64, Ordering::Relaxed);
+        pacer.went(&stamps[..went], r.would_block);
         g = (g + 1) % groups.len();
     }
-    Ok(sent_total)
+    Ok(())
 }
 
 #[cfg(test)]
