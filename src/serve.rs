@@ -383,7 +383,10 @@ impl Running {
                     cfg.xdp_max_links.saturating_mul(2),
                 ) {
                     Ok(f) => {
-                        tracing::info!(interface = %ifname, %mode, "kernel fast path attached");
+                        tracing::info!(
+                            interface = %ifname, %mode, max_links = cfg.xdp_max_links, map_bytes = f.map_bytes,
+                            "kernel fast path attached"
+                        );
                         Some(f)
                     }
                     Err(e) => {

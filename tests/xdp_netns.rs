@@ -312,6 +312,10 @@ fn unity_flow_rides_the_kernel_path_and_every_datagram_is_counted_once() {
     assert_eq!(bytes, 2 * 300 * (38 + 64) + 2 * 300 * (38 + 1200), "forwarded payload bytes");
     assert_eq!(lab.metric("ferry_xdp_links"), 2, "two sessions, one link each");
     assert_eq!(lab.metric("ferry_xdp_links_max"), 131_072);
+    // The links map is preallocated: at least key and value of every entry it can hold.
+    let map_bytes = lab.metric("ferry_xdp_map_bytes");
+    let entries = (ferry::xdp::layout::KEY_SIZE + ferry::xdp::layout::LINK_SIZE) as u64 * 2 * 131_072;
+    assert!(map_bytes >= entries, "ferry_xdp_map_bytes {map_bytes} < {entries}");
 }
 
 #[test]

@@ -134,6 +134,12 @@ impl Program {
         LinkMap { map: self.links.clone(), stats: Arc::new(LinkMapStats::default()) }
     }
 
+    /// Kernel memory the program's maps hold (the links map, preallocated at its maximum, is
+    /// nearly all of it).
+    pub fn map_bytes(&self) -> io::Result<u64> {
+        Ok(self.links.kernel_bytes()? + self.config.kernel_bytes()? + self.stats.kernel_bytes()?)
+    }
+
     /// Packets and bytes per [`Reason`], summed over CPUs.
     pub fn counters(&self) -> io::Result<Vec<(Reason, u64, u64)>> {
         read_counters(&self.stats, self.cpus)
@@ -259,6 +265,8 @@ pub struct FastPath {
     links: LinkMap,
     /// Map entries (two per linked pair).
     max_entries: u32,
+    /// Kernel memory of the maps (0 where the kernel does not say).
+    pub map_bytes: u64,
 }
 
 impl FastPath {
@@ -278,7 +286,8 @@ impl FastPath {
             }
         }
         let links = program.links();
-        Ok(Self { program, interface: interface.to_string(), mode, links, max_entries: max_links })
+        let map_bytes = program.map_bytes().unwrap_or(0);
+        Ok(Self { program, interface: interface.to_string(), mode, links, max_entries: max_links, map_bytes })
     }
 }
 
@@ -385,6 +394,7 @@ pub struct Observer {
     cpus: usize,
     links: Arc<LinkMapStats>,
     max_entries: u32,
+    map_bytes: u64,
     pub mode: XdpMode,
     pub interface: String,
 }
@@ -402,6 +412,7 @@ impl FastPath {
             cpus: self.program.cpus,
             links: self.links.stats.clone(),
             max_entries: self.max_entries,
+            map_bytes: self.map_bytes,
             mode: self.mode,
             interface: self.interface.clone(),
         })
@@ -450,6 +461,12 @@ impl Observer {
             "# HELP ferry_xdp_links_max Links the map holds at most (xdp_max_links); more stay in userspace.\n\
              # TYPE ferry_xdp_links_max gauge\nferry_xdp_links_max {}",
             self.max_entries / 2
+        );
+        let _ = writeln!(
+            o,
+            "# HELP ferry_xdp_map_bytes Kernel memory the fast path's maps hold (the links map is preallocated at xdp_max_links).\n\
+             # TYPE ferry_xdp_map_bytes gauge\nferry_xdp_map_bytes {}",
+            self.map_bytes
         );
     }
 }

@@ -75,6 +75,16 @@ impl RawMap {
         }
     }
 
+    /// Kernel memory the map holds, as the kernel charges it (`memlock` in the fd's fdinfo).
+    pub fn kernel_bytes(&self) -> io::Result<u64> {
+        use std::os::fd::AsRawFd;
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.fd.as_raw_fd()))?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| io::Error::other("no memlock line in the map's fdinfo"))
+    }
+
     pub fn fd_borrowed(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
