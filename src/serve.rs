@@ -294,23 +294,26 @@ impl Running {
             cfg.ws_listen = None;
             cfg.wss_listen = None;
         }
-        let port_claim = match role {
-            crate::config::Role::Api => None,
-            _ => Some(
-                crate::io::claim_udp_port(cfg.relay_listen)
-                    .map_err(|e| with_context(e, "cannot bind relay_listen", cfg.relay_listen))?,
-            ),
+        // Shard 0 binds with the claim (port 0, in tests, resolves to a port no other socket
+        // holds); the other shards join its port.
+        let bind_err = |e| with_context(e, "cannot bind relay_listen", cfg.relay_listen);
+        let (port_claim, first) = match role {
+            crate::config::Role::Api => (None, None),
+            _ if cfg.shards > 0 => {
+                let (claim, first) =
+                    crate::io::claim_and_bind(cfg.relay_listen, cfg.shards > 1).map_err(bind_err)?;
+                (Some(claim), Some(first))
+            }
+            _ => (Some(crate::io::claim_udp_port(cfg.relay_listen).map_err(bind_err)?), None),
         };
-        // Shard 0 binds first so that port 0 (tests) resolves to one port all shards share.
         let mut sockets = Vec::new();
-        let relay_addr = if cfg.shards > 0 {
-            let first = bind_udp(cfg.relay_listen, cfg.shards > 1)
-                .map_err(|e| with_context(e, "cannot bind relay_listen", cfg.relay_listen))?;
-            let a = first.local_addr()?;
-            sockets.push(first);
-            a
-        } else {
-            SocketAddr::from(([0, 0, 0, 0], 0))
+        let relay_addr = match first {
+            Some(first) => {
+                let a = first.local_addr()?;
+                sockets.push(first);
+                a
+            }
+            None => SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         if cfg.advertise_port == 0 {
             cfg.advertise_port = relay_addr.port();

@@ -5,7 +5,7 @@ pub(crate) mod batch;
 mod socket;
 
 pub use batch::BatchIo;
-pub use socket::{bind_udp, claim_udp_port, PortClaim};
+pub use socket::{bind_udp, claim_and_bind, claim_udp_port, PortClaim};
 
 use std::net::SocketAddr;
 
